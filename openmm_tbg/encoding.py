@@ -1,0 +1,502 @@
+"""Atom encoding of peptide topologies for the transferable flow ("TBG + full" encoding).
+
+Every atom gets three integer tokens: the 0-based position of its residue in the chain, the amino-acid type
+(one of the 20 standard amino acids) and an atom-name class. Atom-name classes follow Klein & Noe (TBG, "full"
+encoding): digits are stripped from hydrogen names and from the carboxylate/amide oxygens OD*/OE*, except for
+the aromatic hydrogens of HIS, PHE, TRP and TYR, which keep their digits. Atoms with identical token rows are
+interchangeable for the flow (e.g. the three hydrogens of a methyl group).
+
+Only zwitterionic (NH3+ ... COO-) linear peptides of standard L-amino acids in one chain are supported. Anything
+else raises :class:`UnsupportedTopologyError` with a message that names the offending residue or atom.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENCODING_VERSION = "tbg-full-v1"
+
+#: The 20 standard amino acids (three-letter codes); the index is the amino-acid token.
+AMINO_ACIDS: tuple[str, ...] = (
+    "ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
+    "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL",
+)
+
+#: One-letter code -> three-letter code of the 20 standard amino acids.
+ONE_TO_THREE: dict[str, str] = {
+    "A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU", "G": "GLY",
+    "H": "HIS", "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE", "P": "PRO", "S": "SER",
+    "T": "THR", "W": "TRP", "Y": "TYR", "V": "VAL",
+}
+THREE_TO_ONE: dict[str, str] = {v: k for k, v in ONE_TO_THREE.items()}
+
+# Heavy atoms and hydrogens of each residue in the middle of a chain, as named by OpenMM's amber14 templates
+# (tests/test_encoding.py checks this table against amber14-all.xml). Histidine has three protonation
+# variants; topologies usually call all of them HIS, so the variant is recognised from the hydrogens present.
+_BACKBONE = ("N", "H", "CA", "HA", "C", "O")
+_SIDE_CHAINS: dict[str, tuple[str, ...]] = {
+    "ALA": ("CB", "HB1", "HB2", "HB3"),
+    "ARG": ("CB", "HB2", "HB3", "CG", "HG2", "HG3", "CD", "HD2", "HD3", "NE", "HE", "CZ",
+            "NH1", "HH11", "HH12", "NH2", "HH21", "HH22"),
+    "ASN": ("CB", "HB2", "HB3", "CG", "OD1", "ND2", "HD21", "HD22"),
+    "ASP": ("CB", "HB2", "HB3", "CG", "OD1", "OD2"),
+    "CYS": ("CB", "HB2", "HB3", "SG", "HG"),
+    "GLN": ("CB", "HB2", "HB3", "CG", "HG2", "HG3", "CD", "OE1", "NE2", "HE21", "HE22"),
+    "GLU": ("CB", "HB2", "HB3", "CG", "HG2", "HG3", "CD", "OE1", "OE2"),
+    "GLY": (),
+    "HID": ("CB", "HB2", "HB3", "CG", "ND1", "HD1", "CE1", "HE1", "NE2", "CD2", "HD2"),
+    "HIE": ("CB", "HB2", "HB3", "CG", "ND1", "CE1", "HE1", "NE2", "HE2", "CD2", "HD2"),
+    "HIP": ("CB", "HB2", "HB3", "CG", "ND1", "HD1", "CE1", "HE1", "NE2", "HE2", "CD2", "HD2"),
+    "ILE": ("CB", "HB", "CG2", "HG21", "HG22", "HG23", "CG1", "HG12", "HG13", "CD1", "HD11", "HD12", "HD13"),
+    "LEU": ("CB", "HB2", "HB3", "CG", "HG", "CD1", "HD11", "HD12", "HD13", "CD2", "HD21", "HD22", "HD23"),
+    "LYS": ("CB", "HB2", "HB3", "CG", "HG2", "HG3", "CD", "HD2", "HD3", "CE", "HE2", "HE3",
+            "NZ", "HZ1", "HZ2", "HZ3"),
+    "MET": ("CB", "HB2", "HB3", "CG", "HG2", "HG3", "SD", "CE", "HE1", "HE2", "HE3"),
+    "PHE": ("CB", "HB2", "HB3", "CG", "CD1", "HD1", "CE1", "HE1", "CZ", "HZ", "CE2", "HE2", "CD2", "HD2"),
+    "PRO": ("CD", "HD2", "HD3", "CG", "HG2", "HG3", "CB", "HB2", "HB3"),
+    "SER": ("CB", "HB2", "HB3", "OG", "HG"),
+    "THR": ("CB", "HB", "CG2", "HG21", "HG22", "HG23", "OG1", "HG1"),
+    "TRP": ("CB", "HB2", "HB3", "CG", "CD1", "HD1", "NE1", "HE1", "CE2", "CZ2", "HZ2", "CH2", "HH2",
+            "CZ3", "HZ3", "CE3", "HE3", "CD2"),
+    "TYR": ("CB", "HB2", "HB3", "CG", "CD1", "HD1", "CE1", "HE1", "CZ", "OH", "HH", "CE2", "HE2", "CD2", "HD2"),
+    "VAL": ("CB", "HB", "CG1", "HG11", "HG12", "HG13", "CG2", "HG21", "HG22", "HG23"),
+}
+HISTIDINE_VARIANTS = ("HID", "HIE", "HIP")
+#: Residue name in a topology -> amino acid (HIS variants all map to HIS).
+_RESIDUE_ALIASES: dict[str, str] = {**{aa: aa for aa in AMINO_ACIDS}, **{v: "HIS" for v in HISTIDINE_VARIANTS}}
+_N_TERMINAL_H = ("H", "H2", "H3")      # NH3+; proline has only H2, H3
+_AROMATIC = ("HIS", "PHE", "TRP", "TYR")
+
+# Residue names that are recognised only to give a specific error message.
+_WATER = {"HOH", "WAT", "H2O", "TIP", "TIP3", "TIP4", "TIP5", "SPC", "SOL", "T3P", "T4P", "T4E", "OPC"}
+_IONS = {"NA", "CL", "K", "MG", "CA", "ZN", "LI", "RB", "CS", "F", "BR", "I", "NA+", "CL-", "K+", "SOD", "CLA",
+         "POT", "CAL", "MN", "FE", "CU", "CO", "NI", "CD", "SR", "BA", "IOD", "Na+", "Cl-"}
+_CAPS = {"ACE", "NME", "NMA", "NHE", "NH2", "CT3", "FOR"}
+_PROTONATION_VARIANTS = {"ASH": "ASP", "GLH": "GLU", "LYN": "LYS", "CYX": "CYS", "CYM": "CYS", "ARN": "ARG",
+                         "TYM": "TYR", "HYP": "PRO"}
+_SUPPORTED = ("supported: one chain of a linear zwitterionic peptide (NH3+ ... COO-) of the 20 standard "
+              "L-amino acids with all hydrogens (HIS as HID, HIE or HIP), in vacuum/implicit solvent")
+
+
+class UnsupportedTopologyError(ValueError):
+    """The topology (or its coordinates) is not something the transferable flow can handle."""
+
+
+def atom_name_class(amino_acid: str, atom_name: str) -> str:
+    """Atom-name class of one atom under the TBG "full" rule.
+
+    Parameters
+    ----------
+    amino_acid : str
+        Three-letter code of the residue (HIS variants may be given as HIS, HID, HIE or HIP).
+    atom_name : str
+        Atom name as in the topology (amber/PDB names, e.g. ``"HB2"``, ``"OD1"``).
+
+    Returns
+    -------
+    str
+        ``atom_name`` with digits removed from hydrogens and from OD*/OE* oxygens, except for the aromatic
+        ring hydrogens (HD*, HE*, HZ*, HH*) of HIS, PHE, TRP and TYR, which keep their digits.
+    """
+    aa = _RESIDUE_ALIASES.get(amino_acid, amino_acid)
+    if atom_name.startswith("H"):
+        if aa in _AROMATIC and atom_name[:2] in ("HD", "HE", "HZ", "HH"):
+            return atom_name
+        return re.sub(r"\d", "", atom_name)
+    if atom_name[:2] in ("OD", "OE"):
+        return re.sub(r"\d", "", atom_name)
+    return atom_name
+
+
+def _residue_atom_names(variant: str, n_terminal: bool, c_terminal: bool) -> tuple[str, ...]:
+    """Expected atom names of a residue variant at a given chain position (amber names, N-terminal H/H2/H3)."""
+    names = list(_BACKBONE) + list(_SIDE_CHAINS[variant])
+    if variant == "PRO":
+        names.remove("H")
+    if variant == "GLY":
+        names[names.index("HA"):names.index("HA") + 1] = ["HA2", "HA3"]
+    if n_terminal:
+        names = [n for n in names if n != "H"]
+        names[1:1] = ["H2", "H3"] if variant == "PRO" else list(_N_TERMINAL_H)
+    if c_terminal:
+        names.append("OXT")
+    return tuple(names)
+
+
+def _build_atom_name_classes() -> tuple[str, ...]:
+    classes = set()
+    for variant in _SIDE_CHAINS:
+        for n_term in (False, True):
+            for c_term in (False, True):
+                for name in _residue_atom_names(variant, n_term, c_term):
+                    classes.add(atom_name_class(variant, name))
+    return tuple(sorted(classes))
+
+
+#: All atom-name classes (sorted); the index is the atom-class token.
+ATOM_NAME_CLASSES: tuple[str, ...] = _build_atom_name_classes()
+_CLASS_INDEX = {c: i for i, c in enumerate(ATOM_NAME_CLASSES)}
+_AA_INDEX = {aa: i for i, aa in enumerate(AMINO_ACIDS)}
+
+
+@dataclass(frozen=True, eq=False)
+class AtomEncoding:
+    """Per-atom tokens of a peptide topology.
+
+    Attributes
+    ----------
+    residue_index : numpy.ndarray
+        int64 (n_atoms,), 0-based position of the atom's residue in the chain.
+    amino_acid : numpy.ndarray
+        int64 (n_atoms,), index into :data:`AMINO_ACIDS`.
+    atom_class : numpy.ndarray
+        int64 (n_atoms,), index into :data:`ATOM_NAME_CLASSES`.
+    atom_names, residue_names, elements : tuple of str
+        Per atom: topology atom name, residue name (as in the topology), element symbol.
+    masses : numpy.ndarray
+        float64 (n_atoms,), dalton.
+    """
+
+    residue_index: np.ndarray
+    amino_acid: np.ndarray
+    atom_class: np.ndarray
+    atom_names: tuple[str, ...]
+    residue_names: tuple[str, ...]
+    elements: tuple[str, ...]
+    masses: np.ndarray
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of atoms."""
+        return int(self.residue_index.shape[0])
+
+    @property
+    def n_residues(self) -> int:
+        """Number of residues in the chain."""
+        return int(self.residue_index.max()) + 1 if self.n_atoms else 0
+
+    @property
+    def sequence(self) -> str:
+        """One-letter sequence, N-terminus first."""
+        seq = [""] * self.n_residues
+        for r, aa in zip(self.residue_index, self.amino_acid):
+            seq[r] = THREE_TO_ONE[AMINO_ACIDS[aa]]
+        return "".join(seq)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """int64 (n_atoms, 3): columns [residue_index, amino_acid, atom_class]."""
+        return np.stack([self.residue_index, self.amino_acid, self.atom_class], axis=1).astype(np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """int64 (n_atoms,): atoms with identical token rows (interchangeable atoms) share a group id.
+
+        Ids are numbered in order of first appearance.
+        """
+        _, first, inverse = np.unique(self.tokens, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        # Renumber by first appearance so that ids do not depend on the token values' sort order.
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        return rank[inverse].astype(np.int64)
+
+    def interchangeable_groups(self) -> list[np.ndarray]:
+        """Index arrays (sorted) of the groups that contain more than one atom."""
+        groups = self.groups
+        out = []
+        for g in range(int(groups.max()) + 1 if groups.size else 0):
+            idx = np.flatnonzero(groups == g)
+            if idx.size > 1:
+                out.append(idx.astype(np.int64))
+        return out
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, AtomEncoding):
+            return NotImplemented
+        return (np.array_equal(self.tokens, other.tokens) and self.atom_names == other.atom_names
+                and self.elements == other.elements)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _residue_label(residue) -> str:
+    chain = residue.chain.id if residue.chain is not None else "?"
+    return f"residue {residue.name}{residue.id} (index {residue.index}, chain {chain!r})"
+
+
+def _check_topology_type(topology) -> None:
+    import openmm.app
+
+    if isinstance(topology, openmm.app.Topology):
+        return
+    module = type(topology).__module__
+    if module.startswith("mdtraj"):
+        raise TypeError("encode_topology() needs an openmm.app.Topology, got an mdtraj Topology; "
+                        "convert it with `mdtraj_topology.to_openmm()`.")
+    raise TypeError(f"encode_topology() needs an openmm.app.Topology, got {type(topology).__name__}; "
+                    "load structures with openmm.app.PDBFile(...).topology (or mdtraj `top.to_openmm()`).")
+
+
+def _classify_residue(residue) -> str:
+    """Return the amino acid (three-letter) of a residue, or raise with a specific message."""
+    name = residue.name.strip()
+    if name in _RESIDUE_ALIASES:
+        return _RESIDUE_ALIASES[name]
+    upper = name.upper()
+    label = _residue_label(residue)
+    if upper in _WATER:
+        raise UnsupportedTopologyError(
+            f"{label} is water. Explicit solvent is not supported; remove it with "
+            f"openmm.app.Modeller.deleteWater() and use an implicit-solvent System. ({_SUPPORTED})")
+    if upper in _IONS or sum(1 for _ in residue.atoms()) == 1:
+        raise UnsupportedTopologyError(
+            f"{label} is an ion or single-atom residue. Ions are not supported; remove them "
+            f"(Modeller.delete). ({_SUPPORTED})")
+    if upper in _CAPS:
+        raise UnsupportedTopologyError(
+            f"{label} is a terminal cap ({name}). Capped peptides (ACE/NME) are not supported; the flow was "
+            f"trained on zwitterionic termini: build the peptide with openmm_tbg.build_peptide(sequence). "
+            f"({_SUPPORTED})")
+    if upper in _PROTONATION_VARIANTS:
+        raise UnsupportedTopologyError(
+            f"{label} is the non-standard protonation/bonding state {name} of "
+            f"{_PROTONATION_VARIANTS[upper]}. Only the standard pH 7 states (and HID/HIE/HIP) are supported; "
+            f"rebuild with Modeller.addHydrogens(pH=7). ({_SUPPORTED})")
+    raise UnsupportedTopologyError(
+        f"{label} is not a standard amino acid (ligand, D-amino acid or modified residue?). Supported "
+        f"residue names: {', '.join(AMINO_ACIDS + HISTIDINE_VARIANTS)}. ({_SUPPORTED})")
+
+
+def _histidine_variant(names: set[str]) -> str:
+    hd1, he2 = "HD1" in names, "HE2" in names
+    if hd1 and he2:
+        return "HIP"
+    if he2:
+        return "HIE"
+    return "HID"
+
+
+def encode_topology(topology, positions=None) -> AtomEncoding:
+    """Encode an OpenMM topology of a zwitterionic peptide into per-atom tokens.
+
+    Parameters
+    ----------
+    topology : openmm.app.Topology
+        One chain of a linear peptide of standard amino acids with zwitterionic termini and all hydrogens.
+        An mdtraj topology must be converted first (``top.to_openmm()``).
+    positions : Quantity or array-like, optional
+        Coordinates (n_atoms, 3) or (n_frames, n_atoms, 3), nm if unitless. When given, the chirality of every
+        chiral centre is checked and D-amino acids are refused.
+
+    Returns
+    -------
+    AtomEncoding
+
+    Raises
+    ------
+    TypeError
+        ``topology`` is not an ``openmm.app.Topology``.
+    UnsupportedTopologyError
+        Water, ions, ligands, caps, non-standard residues, more than one chain, missing or extra atoms, broken
+        chain, or (with ``positions``) D-configured chiral centres. The message names the residue or atom.
+    """
+    _check_topology_type(topology)
+    residues = list(topology.residues())
+    if not residues:
+        raise UnsupportedTopologyError(f"The topology has no residues. ({_SUPPORTED})")
+    # Name the offending residue first (water/ion/ligand), since those usually sit in extra chains.
+    amino = [_classify_residue(r) for r in residues]
+    chains = list(topology.chains())
+    chains = [c for c in chains if len(list(c.residues())) > 0]
+    if len(chains) != 1:
+        raise UnsupportedTopologyError(
+            f"The topology has {len(chains)} chains ({', '.join(repr(c.id) for c in chains)}); only a single "
+            f"peptide chain is supported. Encode each peptide separately. ({_SUPPORTED})")
+
+    n = len(residues)
+    residue_index, amino_acid, atom_class = [], [], []
+    atom_names, residue_names, elements, masses = [], [], [], []
+    expected_index = 0
+    for pos, (residue, aa) in enumerate(zip(residues, amino)):
+        atoms = list(residue.atoms())
+        names = [a.name for a in atoms]
+        label = _residue_label(residue)
+        dupes = sorted({x for x in names if names.count(x) > 1})
+        if dupes:
+            raise UnsupportedTopologyError(f"{label} has duplicate atom names {dupes}; atom names must be unique "
+                                           "within a residue.")
+        # OpenMM's amber templates call the first N-terminal hydrogen H1; PDB files call it H.
+        norm = ["H" if (pos == 0 and x == "H1") else x for x in names]
+        nameset = set(norm)
+        variant = _histidine_variant(nameset) if aa == "HIS" else aa
+        if residue.name in HISTIDINE_VARIANTS and residue.name != variant:
+            raise UnsupportedTopologyError(
+                f"{label} is named {residue.name} but its hydrogens match {variant} "
+                f"(HD1 {'present' if 'HD1' in nameset else 'absent'}, HE2 {'present' if 'HE2' in nameset else 'absent'}).")
+        expected = set(_residue_atom_names(variant, pos == 0, pos == n - 1))
+        missing, extra = sorted(expected - nameset), sorted(nameset - expected)
+        if missing or extra:
+            where = ("N-terminal " if pos == 0 else "") + ("C-terminal " if pos == n - 1 else "")
+            hint = ""
+            if not any(a.element is not None and a.element.symbol == "H" for a in atoms):
+                hint = " The residue has no hydrogens: add them with openmm.app.Modeller.addHydrogens(forcefield, pH=7)."
+            elif pos == 0 and "H2" in missing:
+                hint = " The N-terminus must be NH3+ (zwitterion); caps and neutral termini are not supported."
+            elif pos == n - 1 and "OXT" in missing:
+                hint = " The C-terminus must be COO- with an OXT atom (zwitterion)."
+            raise UnsupportedTopologyError(
+                f"{label} ({where}{variant}) does not match the expected atoms of a zwitterionic peptide: "
+                f"missing {missing}, unexpected {extra}.{hint} ({_SUPPORTED})")
+        for atom, name in zip(atoms, norm):
+            if atom.index != expected_index:
+                raise UnsupportedTopologyError(
+                    f"Atom {atom.name} of {label} has index {atom.index} but position {expected_index} in "
+                    "residue order; atoms must be ordered residue by residue.")
+            expected_index += 1
+            if atom.element is None:
+                raise UnsupportedTopologyError(f"Atom {atom.name} of {label} has no element; set elements "
+                                               "(e.g. load the structure with openmm.app.PDBFile).")
+            residue_index.append(pos)
+            amino_acid.append(_AA_INDEX[aa])
+            atom_class.append(_CLASS_INDEX[atom_name_class(variant, name)])
+            atom_names.append(atom.name)
+            residue_names.append(residue.name)
+            elements.append(atom.element.symbol)
+            masses.append(atom.element.mass.value_in_unit(atom.element.mass.unit))
+    if expected_index != topology.getNumAtoms():
+        raise UnsupportedTopologyError(f"The topology has {topology.getNumAtoms()} atoms but its residues hold "
+                                       f"{expected_index}.")
+
+    # Peptide bonds, when the topology carries bonds (PDBFile/Modeller topologies do).
+    if topology.getNumBonds() > 0:
+        bonded = {frozenset((b[0].index, b[1].index)) for b in topology.bonds()}
+        for i in range(n - 1):
+            c = next(a for a in residues[i].atoms() if a.name == "C")
+            nn = next(a for a in residues[i + 1].atoms() if a.name == "N")
+            if frozenset((c.index, nn.index)) not in bonded:
+                raise UnsupportedTopologyError(
+                    f"No peptide bond between C of {_residue_label(residues[i])} and N of "
+                    f"{_residue_label(residues[i + 1])}; only linear peptides in chain order are supported. "
+                    f"({_SUPPORTED})")
+
+    enc = AtomEncoding(
+        residue_index=np.asarray(residue_index, dtype=np.int64),
+        amino_acid=np.asarray(amino_acid, dtype=np.int64),
+        atom_class=np.asarray(atom_class, dtype=np.int64),
+        atom_names=tuple(atom_names),
+        residue_names=tuple(residue_names),
+        elements=tuple(elements),
+        masses=np.asarray(masses, dtype=np.float64),
+    )
+    if positions is not None:
+        check_chirality(enc, positions)
+    return enc
+
+
+def _as_nm_array(positions) -> np.ndarray:
+    try:
+        from openmm import unit
+
+        if unit.is_quantity(positions):
+            positions = positions.value_in_unit(unit.nanometer)
+    except ImportError:  # pragma: no cover - openmm is a hard dependency
+        pass
+    arr = np.asarray(positions, dtype=np.float64)
+    return arr
+
+
+def chiral_centers(encoding: AtomEncoding) -> np.ndarray:
+    """Chiral centres of a peptide and the neighbour ordering that defines their handedness.
+
+    Parameters
+    ----------
+    encoding : AtomEncoding
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 (k, 4), rows ``[center, a, b, c]``: CA of every non-Gly residue with (N, C, CB), CB of Ile with
+        (CA, CG1, CG2) and CB of Thr with (CA, OG1, CG2). The natural L-amino acid (2S,3S Ile, 2S,3R Thr) has a
+        positive signed volume ``det([a - center, b - center, c - center])`` (checked on the MD data set).
+    """
+    index: dict[tuple[int, str], int] = {}
+    for i, (r, name) in enumerate(zip(encoding.residue_index, encoding.atom_names)):
+        index[(int(r), name)] = i
+    rows = []
+    for r in range(encoding.n_residues):
+        aa = AMINO_ACIDS[int(encoding.amino_acid[encoding.residue_index == r][0])]
+        if aa == "GLY":
+            continue
+        rows.append([index[(r, "CA")], index[(r, "N")], index[(r, "C")], index[(r, "CB")]])
+        if aa == "ILE":
+            rows.append([index[(r, "CB")], index[(r, "CA")], index[(r, "CG1")], index[(r, "CG2")]])
+        elif aa == "THR":
+            rows.append([index[(r, "CB")], index[(r, "CA")], index[(r, "OG1")], index[(r, "CG2")]])
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def signed_volumes(positions_nm, centers: np.ndarray) -> np.ndarray:
+    """Signed volumes ``det([a - center, b - center, c - center])`` of chiral centres.
+
+    Parameters
+    ----------
+    positions_nm : array-like or Quantity
+        (n_frames, n_atoms, 3) or (n_atoms, 3), nm.
+    centers : numpy.ndarray
+        int (k, 4) from :func:`chiral_centers`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 (n_frames, k), nm^3; positive for L.
+    """
+    x = _as_nm_array(positions_nm)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"positions must have shape (n_frames, n_atoms, 3) or (n_atoms, 3), got {x.shape}.")
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, 4)
+    o = x[:, centers[:, 0]]
+    v = np.stack([x[:, centers[:, 1]] - o, x[:, centers[:, 2]] - o, x[:, centers[:, 3]] - o], axis=-2)
+    return np.linalg.det(v)
+
+
+def check_chirality(encoding: AtomEncoding, positions) -> None:
+    """Raise :class:`UnsupportedTopologyError` if any chiral centre in any frame is D-configured.
+
+    Parameters
+    ----------
+    encoding : AtomEncoding
+    positions : array-like or Quantity
+        (n_atoms, 3) or (n_frames, n_atoms, 3), nm if unitless.
+    """
+    x = _as_nm_array(positions)
+    if x.ndim not in (2, 3) or x.shape[-2:] != (encoding.n_atoms, 3):
+        raise ValueError(f"positions have shape {x.shape}, expected ({encoding.n_atoms}, 3) or "
+                         f"(n_frames, {encoding.n_atoms}, 3) for this topology.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("positions contain NaN or infinite values.")
+    centers = chiral_centers(encoding)
+    if centers.size == 0:
+        return
+    vol = signed_volumes(x, centers)
+    bad_frames, bad_centers = np.nonzero(vol <= 0)
+    if bad_frames.size:
+        k = int(bad_centers[0])
+        atom = int(centers[k, 0])
+        res = int(encoding.residue_index[atom])
+        n_bad = int(np.unique(bad_centers).size)
+        raise UnsupportedTopologyError(
+            f"Atom {encoding.atom_names[atom]} of residue {encoding.residue_names[atom]} (index {res}) has the "
+            f"D configuration in frame {int(bad_frames[0])} ({n_bad} of {centers.shape[0]} chiral centres "
+            f"inverted in at least one frame). Only L-amino acids are supported; if the whole structure is a "
+            f"mirror image, use positions * -1.")
