@@ -11,6 +11,7 @@ Format of a data directory (see ``shared/data/dipeptides/README.md``):
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -239,3 +240,332 @@ def load_dataset(directory: str | os.PathLike, split: str | None = None, names: 
            for n in tqdm(names, desc="loading peptides", disable=not progress)]
     logger.info("Loaded %d peptides, %d frames from %s", len(out), sum(t.n_frames for t in out), directory)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating data: `simulate` / `openmm-tbg simulate`
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = "simulate_checkpoint.json"
+_CHECKPOINT_FORMAT = "openmm_tbg.simulate"
+_RESTRAINT_GROUP = 31
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write a file through a temporary file in the same directory and ``os.replace`` it into place."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _value(q, unit, name: str) -> float:
+    from openmm import unit as u
+
+    if u.is_quantity(q):
+        if not q.unit.is_compatible(unit):
+            raise ValueError(f"{name} has unit {q.unit}, which is not compatible with {unit}.")
+        return float(q.value_in_unit(unit))
+    return float(q)
+
+
+def _select_platform(platform):
+    import openmm
+
+    if isinstance(platform, openmm.Platform):
+        return platform
+    if platform is not None:
+        try:
+            return openmm.Platform.getPlatformByName(str(platform))
+        except Exception as exc:
+            names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+            raise ValueError(f"OpenMM platform {platform!r} is not available; available: {names}.") from exc
+    for name in ("CUDA", "CPU", "Reference"):
+        try:
+            return openmm.Platform.getPlatformByName(name)
+        except Exception:
+            continue
+    raise RuntimeError("No OpenMM platform found.")  # pragma: no cover
+
+
+def _grid_anchors(n: int, spacing_nm: float) -> np.ndarray:
+    side = int(np.ceil(n ** (1.0 / 3.0) - 1e-9))
+    side = max(side, 1)
+    while side ** 3 < n:
+        side += 1
+    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)][:n], float)
+    return grid * spacing_nm
+
+
+def _to_int16(x_nm: np.ndarray, name: str) -> np.ndarray:
+    x = x_nm - x_nm.mean(axis=0, keepdims=True)
+    q = np.rint(x / POSITION_SCALE_NM)
+    if np.abs(q).max() > np.iinfo(np.int16).max:
+        raise RuntimeError(f"{name}: an atom is {np.abs(x).max():.2f} nm from the centroid, beyond the int16 "
+                           "format's range of 3.27 nm; the peptide is too large for this data format.")
+    return q.astype(np.int16)
+
+
+def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: float, temperature=310.0,
+             timestep=None, friction=None, save_interval_ps: float = 10.0, seed: int | None = None,
+             platform=None, progress: bool = True, equilibration_ps: float = 20.0, spacing_nm: float = 8.0,
+             restraint_radius_nm: float = 1.5, restraint_k: float = 1000.0, checkpoint_frames: int = 10,
+             forcefield=None, histidine: str | None = None) -> dict[str, Path]:
+    """Generate MD data for peptides in the data set's format (``XY.pdb`` + ``XY.npz``).
+
+    All peptides are simulated together in one System as separated copies ``spacing_nm`` apart (beyond the
+    2 nm cutoff, so they do not interact); a flat-bottom restraint acts on each molecule's mass centroid only,
+    which leaves the internal distribution of each molecule exact. ``LangevinMiddleIntegrator``; the system is
+    minimized and equilibrated for ``equilibration_ps`` before frames are saved.
+
+    The run is resumable: ``out_dir/simulate_checkpoint.json`` holds the OpenMM state (XML) and the number of
+    frames written; frames are flushed every ``checkpoint_frames`` frames with atomic file replacement. Calling
+    ``simulate`` again with the same arguments and a larger ``ns`` continues the same trajectory and appends.
+
+    Parameters
+    ----------
+    sequences : str or sequence of str
+        One-letter sequences, e.g. ``["NY", "AA"]``; each becomes ``{sequence}.pdb``/``.npz``.
+    out_dir : path
+        Output directory (created).
+    ns : float or Quantity
+        Total production time per peptide, ns (the target, including frames written by earlier calls).
+    temperature : Quantity or float
+        Kelvin (default 310).
+    timestep : Quantity or float, optional
+        ps if unitless (default 1 fs).
+    friction : Quantity or float, optional
+        1/ps if unitless (default 0.3/ps).
+    save_interval_ps : float
+        Time between saved frames, ps (default 10).
+    seed : int, optional
+        Seed for velocities and the integrator; random (and recorded in the checkpoint) when None.
+    platform : str or openmm.Platform, optional
+        Default: CUDA when present, else CPU.
+    progress : bool
+        Show a tqdm bar over frames.
+    equilibration_ps : float
+        Discarded equilibration after minimization, ps.
+    spacing_nm, restraint_radius_nm, restraint_k
+        Copy spacing, flat-bottom radius (nm) and force constant (kJ/mol/nm^2) of the centroid restraint.
+    checkpoint_frames : int
+        Flush frames and the checkpoint every this many frames (and at the end).
+    forcefield : sequence of str, optional
+        Default ``("amber14-all.xml", "implicit/obc1.xml")``.
+    histidine : {None, "HID", "HIE", "HIP"}
+        Histidine protonation, as in :func:`openmm_tbg.peptides.build_peptide`.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        Sequence -> npz path.
+    """
+    import openmm
+    from openmm import unit
+    from openmm.app import Modeller, PDBFile
+    from tqdm.auto import tqdm
+
+    from .peptides import DEFAULT_FORCEFIELD, build_peptide, create_system, validate_sequence
+
+    if isinstance(sequences, str):
+        sequences = [sequences]
+    seqs = [validate_sequence(s) for s in sequences]
+    if not seqs:
+        raise ValueError("simulate() needs at least one sequence.")
+    dupes = sorted({s for s in seqs if seqs.count(s) > 1})
+    if dupes:
+        raise ValueError(f"Sequences {dupes} are given more than once; each sequence is one output file.")
+    ns = _value(ns, unit.nanosecond, "ns")
+    temperature_k = _value(temperature, unit.kelvin, "temperature")
+    dt_ps = 0.001 if timestep is None else _value(timestep, unit.picosecond, "timestep")
+    friction_ps = 0.3 if friction is None else _value(friction, unit.picosecond ** -1, "friction")
+    save_interval_ps = _value(save_interval_ps, unit.picosecond, "save_interval_ps")
+    equilibration_ps = _value(equilibration_ps, unit.picosecond, "equilibration_ps")
+    forcefield = tuple(DEFAULT_FORCEFIELD if forcefield is None else
+                       ((forcefield,) if isinstance(forcefield, str) else forcefield))
+    if ns < 0 or dt_ps <= 0 or save_interval_ps <= 0 or equilibration_ps < 0 or temperature_k <= 0:
+        raise ValueError("ns, timestep, save_interval_ps, equilibration_ps and temperature must be positive.")
+    steps_per_frame = int(round(save_interval_ps / dt_ps))
+    if steps_per_frame < 1 or abs(steps_per_frame * dt_ps - save_interval_ps) > 1e-6 * save_interval_ps:
+        raise ValueError(f"save_interval_ps={save_interval_ps} is not a whole number of {dt_ps} ps time steps.")
+    n_target = int(round(ns * 1000.0 / save_interval_ps))
+    checkpoint_frames = max(1, int(checkpoint_frames))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"sequences": seqs, "temperature_K": temperature_k, "timestep_ps": dt_ps,
+              "friction_per_ps": friction_ps, "save_interval_ps": save_interval_ps,
+              "equilibration_ps": equilibration_ps, "spacing_nm": spacing_nm,
+              "restraint_radius_nm": restraint_radius_nm, "restraint_k": restraint_k,
+              "forcefield": list(forcefield), "histidine": histidine}
+    ckpt_path = out / CHECKPOINT_NAME
+    ckpt = None
+    if ckpt_path.is_file():
+        try:
+            ckpt = json.loads(ckpt_path.read_text())
+            if ckpt.get("format") != _CHECKPOINT_FORMAT:
+                raise ValueError("not a simulate checkpoint")
+        except ValueError as exc:
+            raise DatasetError(f"{str(ckpt_path)!r} is corrupt ({exc}); delete it and the npz files to start "
+                               "over.") from exc
+        old = dict(ckpt["params"])
+        if old != params:
+            diff = sorted(k for k in params if old.get(k) != params[k])
+            raise ValueError(f"{str(out)!r} holds an interrupted simulation with different settings ({diff}: "
+                             f"{[old.get(k) for k in diff]} there vs {[params[k] for k in diff]} now). Resume "
+                             "with the same settings or choose another out_dir.")
+        seed = int(ckpt["seed"])
+    else:
+        clash = [f"{s}.{ext}" for s in seqs for ext in ("pdb", "npz") if (out / f"{s}.{ext}").exists()]
+        if clash:
+            raise ValueError(f"{str(out)!r} already holds {clash} but no {CHECKPOINT_NAME}; refusing to "
+                             "overwrite data. Choose another out_dir.")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31 - 2))
+    seed = int(seed)
+
+    # Structures: built once and stored as XY.pdb; a resumed run reads them back so topology is unchanged.
+    topologies, positions = [], []
+    for s in seqs:
+        pdb_path = out / f"{s}.pdb"
+        if ckpt is None:
+            pep = build_peptide(s, forcefield=forcefield, histidine=histidine)
+            text = io.StringIO()
+            PDBFile.writeFile(pep.topology, pep.positions, text, keepIds=True)
+            _atomic_write(pdb_path, lambda fh, t=text.getvalue(): fh.write(t.encode()))
+        pdb = PDBFile(str(pdb_path))
+        encode_topology(pdb.topology)  # refuse unsupported structures early
+        topologies.append(pdb.topology)
+        positions.append(np.asarray(pdb.positions.value_in_unit(unit.nanometer)))
+
+    anchors = _grid_anchors(len(seqs), spacing_nm)
+    modeller = None
+    offsets = [0]
+    for top, pos, anchor in zip(topologies, positions, anchors):
+        shifted = (pos - pos.mean(axis=0) + anchor) * unit.nanometer
+        if modeller is None:
+            modeller = Modeller(top, shifted)
+        else:
+            modeller.add(top, shifted)
+        offsets.append(offsets[-1] + top.getNumAtoms())
+    system = create_system(modeller.topology, forcefield)
+    restraint = openmm.CustomCentroidBondForce(
+        1, "0.5*k_restraint*step(d - r0_restraint)*(d - r0_restraint)^2;"
+           "d = sqrt((x1 - ax)^2 + (y1 - ay)^2 + (z1 - az)^2)")
+    restraint.addGlobalParameter("k_restraint", restraint_k)
+    restraint.addGlobalParameter("r0_restraint", restraint_radius_nm)
+    for p in ("ax", "ay", "az"):
+        restraint.addPerBondParameter(p)
+    for i, anchor in enumerate(anchors):
+        g = restraint.addGroup(list(range(offsets[i], offsets[i + 1])))  # default weights: masses
+        restraint.addBond([g], [float(a) for a in anchor])
+    restraint.setForceGroup(_RESTRAINT_GROUP)
+    system.addForce(restraint)
+
+    integrator = openmm.LangevinMiddleIntegrator(temperature_k * unit.kelvin, friction_ps / unit.picosecond,
+                                                 dt_ps * unit.picosecond)
+    n_done = 0 if ckpt is None else int(ckpt["frames"])
+    # A new integrator seed per segment, so a resumed run does not replay the same noise.
+    segment_seed = int(np.random.SeedSequence([seed, n_done]).generate_state(1)[0] % (2 ** 31 - 2)) + 1
+    integrator.setRandomNumberSeed(segment_seed)
+    plat = _select_platform(platform)
+    context = openmm.Context(system, integrator, plat)
+    logger.info("simulate: %d peptides, %d atoms, platform %s, seed %d", len(seqs), system.getNumParticles(),
+                plat.getName(), seed)
+
+    frames: list[list[np.ndarray]] = [[] for _ in seqs]
+    if ckpt is None:
+        context.setPositions(modeller.positions)
+        openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
+        context.setVelocitiesToTemperature(temperature_k * unit.kelvin, segment_seed)
+        n_eq = int(round(equilibration_ps / dt_ps))
+        if n_eq:
+            integrator.step(n_eq)
+    else:
+        context.setState(openmm.XmlSerializer.deserialize(ckpt["state_xml"]))
+        for i, s in enumerate(seqs):
+            if n_done == 0:
+                continue
+            old = _read_npz(out / f"{s}.npz")["positions"]
+            if old.shape[0] < n_done:
+                raise DatasetError(f"{s}.npz holds {old.shape[0]} frames but the checkpoint recorded {n_done}; "
+                                   "the output directory was modified. Start over in a new out_dir.")
+            frames[i].append(old[:n_done])  # frames written after the last checkpoint are discarded
+
+    def flush(n_frames: int) -> None:
+        for i, s in enumerate(seqs):
+            arr = (np.concatenate(frames[i], axis=0) if frames[i]
+                   else np.zeros((0, topologies[i].getNumAtoms(), 3), np.int16))
+            frames[i] = [arr]
+            _atomic_write(out / f"{s}.npz", lambda fh, a=arr: np.savez(
+                fh, positions=a, run=np.zeros(a.shape[0], np.int8),
+                run_interval_ps=np.array([save_interval_ps], np.float64)))
+        state = context.getState(getPositions=True, getVelocities=True, getParameters=True,
+                                 getIntegratorParameters=True)
+        doc = {"format": _CHECKPOINT_FORMAT, "format_version": 1, "params": params, "seed": seed,
+               "frames": n_frames, "state_xml": openmm.XmlSerializer.serialize(state)}
+        _atomic_write(ckpt_path, lambda fh: fh.write(json.dumps(doc).encode()))
+
+    if ckpt is None:
+        flush(0)
+    if n_done >= n_target:
+        logger.info("simulate: %s already holds %d frames (target %d); nothing to do", out, n_done, n_target)
+    bar = tqdm(total=max(n_target - n_done, 0), desc="simulate (frames)", disable=not progress)
+    energies = []
+    try:
+        for k in range(n_done, n_target):
+            integrator.step(steps_per_frame)
+            state = context.getState(getPositions=True, getEnergy=True)
+            epot = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            if not np.isfinite(epot):
+                raise RuntimeError(f"Potential energy became {epot} at frame {k}; the simulation blew up. Use a "
+                                   "smaller timestep.")
+            energies.append(epot)
+            x = np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+            for i, s in enumerate(seqs):
+                frames[i].append(_to_int16(x[offsets[i]:offsets[i + 1]], s)[None])
+            bar.update(1)
+            if (k + 1 - n_done) % checkpoint_frames == 0 or k + 1 == n_target:
+                flush(k + 1)
+    finally:
+        bar.close()
+    if energies:
+        logger.info("simulate: %d frames, mean potential energy %.1f kJ/mol (all copies)", len(energies),
+                    float(np.mean(energies)))
+    return {s: out / f"{s}.npz" for s in seqs}
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``openmm-tbg simulate``."""
+    parser.add_argument("sequences", nargs="+", metavar="SEQ", help="one-letter sequences, e.g. NY AA")
+    parser.add_argument("--out", required=True, help="output directory (resumes an interrupted run there)")
+    parser.add_argument("--ns", type=float, required=True, help="production time per peptide, ns")
+    parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
+    parser.add_argument("--timestep-fs", type=float, default=1.0, help="time step, fs (default 1)")
+    parser.add_argument("--friction", type=float, default=0.3, help="Langevin friction, 1/ps (default 0.3)")
+    parser.add_argument("--save-interval-ps", type=float, default=10.0, help="ps between frames (default 10)")
+    parser.add_argument("--equilibration-ps", type=float, default=20.0, help="discarded equilibration, ps")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random, recorded)")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (default: CUDA if present, else CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_from_cli(args) -> int:
+    """Run ``openmm-tbg simulate``."""
+    paths = simulate(args.sequences, args.out, args.ns, temperature=args.temperature,
+                     timestep=args.timestep_fs / 1000.0, friction=args.friction,
+                     save_interval_ps=args.save_interval_ps, seed=args.seed, platform=args.platform,
+                     progress=not args.no_progress, equilibration_ps=args.equilibration_ps)
+    for s, p in paths.items():
+        print(f"{s}: {p}")
+    return 0
