@@ -316,6 +316,70 @@ def _to_int16(x_nm: np.ndarray, name: str) -> np.ndarray:
     return q.astype(np.int16)
 
 
+
+def build_separated_system(topologies, positions_nm, forcefield=None, spacing_nm: float = 8.0,
+                           restraint_radius_nm: float = 1.5, restraint_k: float = 1000.0):
+    """One System holding several molecules as non-interacting copies on a grid.
+
+    Molecules are placed ``spacing_nm`` apart (centroids on a cubic grid). A flat-bottom harmonic restraint
+    ``0.5 k max(0, d - r0)^2`` on each molecule's mass centroid (``CustomCentroidBondForce``, force group 31)
+    keeps them apart: with the defaults the closest atoms of two molecules stay > 2 nm apart (beyond the
+    cutoff), and since the restraint acts on the centroid only, each molecule's internal distribution is the
+    one of the isolated molecule.
+
+    Parameters
+    ----------
+    topologies : list of openmm.app.Topology
+    positions_nm : list of numpy.ndarray
+        (n_atoms_i, 3) positions of each molecule, nm.
+    forcefield : sequence of str, optional
+        Default amber14-all + implicit/obc1 (the System is made with :func:`peptides.create_system` defaults).
+    spacing_nm, restraint_radius_nm, restraint_k
+        Grid spacing (nm), flat-bottom radius (nm), force constant (kJ/mol/nm^2).
+
+    Returns
+    -------
+    system : openmm.System
+    topology : openmm.app.Topology
+    positions : openmm.unit.Quantity
+        (n_atoms, 3), nm.
+    offsets : list of int
+        ``offsets[i]:offsets[i + 1]`` are the atoms of molecule ``i``.
+    """
+    import openmm
+    from openmm import unit
+    from openmm.app import Modeller
+
+    from .peptides import DEFAULT_FORCEFIELD, create_system
+
+    forcefield = DEFAULT_FORCEFIELD if forcefield is None else forcefield
+    anchors = _grid_anchors(len(topologies), spacing_nm)
+    modeller = None
+    offsets = [0]
+    for top, pos, anchor in zip(topologies, positions_nm, anchors):
+        pos = np.asarray(pos, dtype=np.float64)
+        shifted = (pos - pos.mean(axis=0) + anchor) * unit.nanometer
+        if modeller is None:
+            modeller = Modeller(top, shifted)
+        else:
+            modeller.add(top, shifted)
+        offsets.append(offsets[-1] + top.getNumAtoms())
+    system = create_system(modeller.topology, forcefield)
+    restraint = openmm.CustomCentroidBondForce(
+        1, "0.5*k_restraint*step(d - r0_restraint)*(d - r0_restraint)^2;"
+           "d = sqrt((x1 - ax)^2 + (y1 - ay)^2 + (z1 - az)^2)")
+    restraint.addGlobalParameter("k_restraint", float(restraint_k))
+    restraint.addGlobalParameter("r0_restraint", float(restraint_radius_nm))
+    for p in ("ax", "ay", "az"):
+        restraint.addPerBondParameter(p)
+    for i, anchor in enumerate(anchors):
+        g = restraint.addGroup(list(range(offsets[i], offsets[i + 1])))  # default weights: masses
+        restraint.addBond([g], [float(a) for a in anchor])
+    restraint.setForceGroup(_RESTRAINT_GROUP)
+    system.addForce(restraint)
+    return system, modeller.topology, modeller.positions, offsets
+
+
 def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: float, temperature=310.0,
              timestep=None, friction=None, save_interval_ps: float = 10.0, seed: int | None = None,
              platform=None, progress: bool = True, equilibration_ps: float = 20.0, spacing_nm: float = 8.0,
@@ -372,10 +436,10 @@ def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: flo
     """
     import openmm
     from openmm import unit
-    from openmm.app import Modeller, PDBFile
+    from openmm.app import PDBFile
     from tqdm.auto import tqdm
 
-    from .peptides import DEFAULT_FORCEFIELD, build_peptide, create_system, validate_sequence
+    from .peptides import DEFAULT_FORCEFIELD, build_peptide, validate_sequence
 
     if isinstance(sequences, str):
         sequences = [sequences]
@@ -448,29 +512,9 @@ def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: flo
         topologies.append(pdb.topology)
         positions.append(np.asarray(pdb.positions.value_in_unit(unit.nanometer)))
 
-    anchors = _grid_anchors(len(seqs), spacing_nm)
-    modeller = None
-    offsets = [0]
-    for top, pos, anchor in zip(topologies, positions, anchors):
-        shifted = (pos - pos.mean(axis=0) + anchor) * unit.nanometer
-        if modeller is None:
-            modeller = Modeller(top, shifted)
-        else:
-            modeller.add(top, shifted)
-        offsets.append(offsets[-1] + top.getNumAtoms())
-    system = create_system(modeller.topology, forcefield)
-    restraint = openmm.CustomCentroidBondForce(
-        1, "0.5*k_restraint*step(d - r0_restraint)*(d - r0_restraint)^2;"
-           "d = sqrt((x1 - ax)^2 + (y1 - ay)^2 + (z1 - az)^2)")
-    restraint.addGlobalParameter("k_restraint", restraint_k)
-    restraint.addGlobalParameter("r0_restraint", restraint_radius_nm)
-    for p in ("ax", "ay", "az"):
-        restraint.addPerBondParameter(p)
-    for i, anchor in enumerate(anchors):
-        g = restraint.addGroup(list(range(offsets[i], offsets[i + 1])))  # default weights: masses
-        restraint.addBond([g], [float(a) for a in anchor])
-    restraint.setForceGroup(_RESTRAINT_GROUP)
-    system.addForce(restraint)
+    system, combined_topology, combined_positions, offsets = build_separated_system(
+        topologies, positions, forcefield=forcefield, spacing_nm=spacing_nm,
+        restraint_radius_nm=restraint_radius_nm, restraint_k=restraint_k)
 
     integrator = openmm.LangevinMiddleIntegrator(temperature_k * unit.kelvin, friction_ps / unit.picosecond,
                                                  dt_ps * unit.picosecond)
@@ -485,7 +529,7 @@ def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: flo
 
     frames: list[list[np.ndarray]] = [[] for _ in seqs]
     if ckpt is None:
-        context.setPositions(modeller.positions)
+        context.setPositions(combined_positions)
         openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
         context.setVelocitiesToTemperature(temperature_k * unit.kelvin, segment_seed)
         n_eq = int(round(equilibration_ps / dt_ps))
