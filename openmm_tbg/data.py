@@ -544,7 +544,11 @@ def simulate(sequences: Sequence[str] | str, out_dir: str | os.PathLike, ns: flo
             if old.shape[0] < n_done:
                 raise DatasetError(f"{s}.npz holds {old.shape[0]} frames but the checkpoint recorded {n_done}; "
                                    "the output directory was modified. Start over in a new out_dir.")
-            frames[i].append(old[:n_done])  # frames written after the last checkpoint are discarded
+            if old.shape[0] > n_done:
+                # Written after the last checkpoint: their integrator state is lost, so they are recomputed.
+                logger.warning("%s.npz: dropping %d frames written after the last checkpoint (kept %d)", s,
+                               old.shape[0] - n_done, n_done)
+            frames[i].append(old[:n_done])
 
     def flush(n_frames: int) -> None:
         for i, s in enumerate(seqs):
