@@ -1,0 +1,299 @@
+"""Tests of openmm_tbg.training: couplings, batching, flow-matching loop, exact resume, test-split guard, DDP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_tbg import training
+from openmm_tbg.training import (
+    PeptideBatchSampler,
+    TestSplitError,
+    TrainingConfig,
+    equivariant_ot_coupling,
+    kabsch_rotation,
+    lr_factor,
+    make_generators,
+    make_training_batch,
+    random_rotations,
+    sample_mean_free_gaussian,
+)
+
+TINY = dict(n_layers=2, hidden=16, batch_size=8, warmup_steps=5, checkpoint_every=0, device="cpu", log_every=1000)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train_names(directory) -> list[str]:
+    with open(os.path.join(directory, "splits.json")) as fh:
+        return list(json.load(fh)["train"])
+
+
+@pytest.fixture(scope="module")
+def train_trajectories(fixture_dir):
+    """Up to three fixture peptides of the train split, at most 200 frames each."""
+    from openmm_tbg.data import load_dataset
+
+    names = _train_names(fixture_dir)[:3]
+    return load_dataset(fixture_dir, names=names, max_frames=200, progress=False)
+
+
+def _rotation_checks(r: np.ndarray) -> None:
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-10)
+    assert np.linalg.det(r) == pytest.approx(1.0, abs=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainingConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_factor=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    values = [lr_factor(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_random_rotations_are_proper_and_uniform():
+    n = 4000
+    rot = random_rotations(n, generator=torch.Generator().manual_seed(1)).double().numpy()
+    np.testing.assert_allclose(rot @ rot.transpose(0, 2, 1), np.broadcast_to(np.eye(3), rot.shape), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.det(rot), 1.0, atol=1e-5)
+    # Haar measure: every matrix entry has mean 0 and variance 1/3.
+    se = math.sqrt(1.0 / 3.0 / n)
+    assert np.all(np.abs(rot.mean(axis=0)) < 5 * se)
+    np.testing.assert_allclose((rot ** 2).mean(axis=0), 1.0 / 3.0, atol=5 * math.sqrt(2.0 / 45.0 / n) + 1e-3)
+
+
+def test_mean_free_prior_statistics():
+    mask = torch.zeros(2000, 7, dtype=torch.bool)
+    mask[:1000, :7] = True
+    mask[1000:, :4] = True
+    z = sample_mean_free_gaussian(mask, 2.0, generator=torch.Generator().manual_seed(2)).double()
+    assert torch.all(z[~mask] == 0)
+    assert z.sum(dim=1).abs().max() < 1e-5
+    # |z|^2 / std^2 is chi-squared with 3 (n - 1) degrees of freedom: mean 3(n-1), variance 6(n-1).
+    for rows, n in ((slice(0, 1000), 7), (slice(1000, 2000), 4)):
+        stat = (z[rows] ** 2).sum(dim=(1, 2)).numpy() / 4.0
+        dof = 3 * (n - 1)
+        assert abs(stat.mean() - dof) < 5 * math.sqrt(2 * dof / 1000)
+
+
+def test_kabsch_returns_proper_rotation_even_for_mirror_images():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(12, 3))
+    x -= x.mean(0)
+    true = random_rotations(1, generator=torch.Generator().manual_seed(3))[0].double().numpy()
+    r = kabsch_rotation(x, x @ true.T)
+    np.testing.assert_allclose(r, true, atol=1e-6)
+    # The inverted (mirror) structure cannot be reached by a rotation: the best proper fit must be returned.
+    r_mirror = kabsch_rotation(x, -x)
+    _rotation_checks(r_mirror)
+    assert np.sum((x @ r_mirror.T + x) ** 2) > 1e-3
+
+
+def test_ot_coupling_recovers_permutation_within_groups():
+    rng = np.random.default_rng(4)
+    n = 10
+    groups = [np.array([1, 2, 3]), np.array([6, 8])]
+    x0 = rng.normal(size=(n, 3))
+    x0 -= x0.mean(0)
+    true_perm = np.arange(n)
+    true_perm[[1, 2, 3]] = [3, 1, 2]
+    true_perm[[6, 8]] = [8, 6]
+    aligned, perm, rot = equivariant_ot_coupling(x0, x0[true_perm], groups)
+    np.testing.assert_array_equal(perm, true_perm)
+    np.testing.assert_allclose(rot, np.eye(3), atol=1e-8)
+    np.testing.assert_allclose(aligned, x0[true_perm], atol=1e-8)
+
+
+def test_ot_coupling_on_peptides(train_trajectories):
+    """Permutations stay within groups, rotations are proper, and the transport cost drops."""
+    rng = np.random.default_rng(5)
+    cost_ot, cost_ind = [], []
+    for traj in train_trajectories:
+        enc = traj.encoding
+        group_ids = enc.groups
+        inter = enc.interchangeable_groups()
+        assert inter, f"fixture peptide {traj.name} has no interchangeable atoms"
+        scale = float(np.sqrt(np.mean(traj.positions ** 2)))
+        for k in range(40):
+            x1 = traj.positions[k].astype(np.float64) / scale
+            x1 -= x1.mean(0)
+            x0 = rng.normal(size=x1.shape)
+            x0 -= x0.mean(0)
+            aligned, perm, rot = equivariant_ot_coupling(x0, x1, inter)
+            assert sorted(perm) == list(range(enc.n_atoms))
+            np.testing.assert_array_equal(group_ids[perm], group_ids)
+            _rotation_checks(rot)
+            np.testing.assert_allclose(aligned, x0[perm] @ rot.T, atol=1e-12)
+            c_ot = np.mean(np.sum((aligned - x1) ** 2, axis=1))
+            c_ind = np.mean(np.sum((x0 - x1) ** 2, axis=1))
+            # Identity permutation and rotation are feasible, so OT can never be worse.
+            assert c_ot <= c_ind + 1e-9
+            cost_ot.append(c_ot)
+            cost_ind.append(c_ind)
+    diff = np.asarray(cost_ind) - np.asarray(cost_ot)
+    assert diff.mean() > 5 * diff.std(ddof=1) / math.sqrt(diff.size)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def test_batch_sampler_pads_and_matches_data(train_trajectories):
+    np_rng, _ = make_generators(0)
+    sampler = PeptideBatchSampler(train_trajectories, 64, np_rng)
+    batch = sampler.sample()
+    n_max = max(t.encoding.n_atoms for t in train_trajectories)
+    assert batch.positions.shape[1] <= n_max and batch.tokens.shape == batch.positions.shape
+    assert set(batch.peptide_index.tolist()) == set(range(len(train_trajectories)))  # 64 draws of <= 3
+    for i in range(64):
+        traj = train_trajectories[batch.peptide_index[i]]
+        n = traj.encoding.n_atoms
+        assert batch.mask[i].sum() == n and batch.mask[i, :n].all()
+        np.testing.assert_array_equal(batch.tokens[i, :n], traj.encoding.tokens)
+        assert np.all(batch.tokens[i, n:] == 0) and np.all(batch.positions[i, n:] == 0)
+        frame = traj.positions[batch.frame_index[i]]
+        np.testing.assert_allclose(batch.positions[i, :n], frame - frame.mean(0), atol=1e-6)
+
+
+def test_training_batch_is_mean_free_and_scaled(train_trajectories):
+    np_rng, gen = make_generators(1)
+    sampler = PeptideBatchSampler(train_trajectories, 16, np_rng)
+    length = training.estimate_length_scale(train_trajectories)
+    for coupling in ("independent", "ot"):
+        b = make_training_batch(sampler, TrainingConfig(coupling=coupling), length, gen)
+        m = b.mask[..., None].float()
+        for x in (b.x0, b.x1, b.eps):
+            assert (x * m).sum(1).abs().max() < 1e-4
+            assert torch.all(x[~b.mask] == 0)
+        assert torch.all((b.t >= 0) & (b.t < 1))
+
+
+def test_config_and_sampler_reject_bad_input(train_trajectories):
+    with pytest.raises(ValueError, match="coupling"):
+        TrainingConfig(coupling="sinkhorn").validate()
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainingConfig(ema_decay=1.0).validate()
+    with pytest.raises(ValueError, match="No training peptides"):
+        PeptideBatchSampler([], 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="more than once"):
+        PeptideBatchSampler([train_trajectories[0]] * 2, 4, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_refuses_test_split(fixture_dir, tmp_path):
+    from openmm_tbg.data import load_dataset, read_splits
+
+    test_names = read_splits(fixture_dir)["test"]
+    test_trajs = load_dataset(fixture_dir, names=test_names[:1], max_frames=5, progress=False)
+    cfg = TrainingConfig(steps=2, **TINY)
+    with pytest.raises(TestSplitError, match=test_names[0]):
+        training.train(test_trajs, tmp_path / "m.pt", cfg, data_dir=fixture_dir, progress=False)
+    with pytest.raises(TestSplitError, match="test"):
+        training.load_training_data(fixture_dir, split="test", progress=False)
+    with pytest.raises(TestSplitError, match=test_names[-1]):
+        training.load_training_data(fixture_dir, names=[_train_names(fixture_dir)[0], test_names[-1]],
+                                    progress=False)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_short_training_lowers_loss_and_saves_model(fixture_dir, tmp_path, train_trajectories):
+    from openmm_tbg.checkpoint import load_model
+
+    cfg = TrainingConfig(steps=150, lr=5e-3, **{**TINY, "batch_size": 16})
+    out = tmp_path / "model.pt"
+    result = training.train(train_trajectories, out, cfg, data_dir=fixture_dir, progress=False)
+    losses = result.losses
+    assert losses.shape == (150,) and np.all(np.isfinite(losses))
+    # Batches are independent draws, so the step losses within a window are ~independent.
+    first, last = losses[:30], losses[-50:]
+    se = math.sqrt(first.var(ddof=1) / first.size + last.var(ddof=1) / last.size)
+    assert first.mean() - last.mean() > 5 * se, (first.mean(), last.mean(), se)
+    flow = load_model(out)
+    meta = torch.load(out, weights_only=True)["metadata"]["training"]
+    assert meta["steps"] == 150 and meta["peptides"] == sorted(t.name for t in train_trajectories)
+    assert meta["config"]["length_scale"] == pytest.approx(training.estimate_length_scale(train_trajectories))
+    for key, value in result.flow.state_dict().items():
+        torch.testing.assert_close(flow.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_resume_continues_exactly(tmp_path, train_trajectories):
+    cfg = TrainingConfig(steps=8, lr=2e-3, coupling="ot", ema_decay=0.9, **TINY)
+    full = training.train(train_trajectories, tmp_path / "full.pt", cfg, progress=False)
+    part = training.train(train_trajectories, tmp_path / "part.pt", cfg, until_step=4, progress=False)
+    assert part.step == 4 and os.path.exists(training.resume_path(tmp_path / "part.pt"))
+    # A different peptide order must not matter: the saved order is used.
+    resumed = training.train(train_trajectories[::-1], tmp_path / "part.pt", cfg, resume=True, progress=False)
+    assert resumed.step == 8
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    for key, value in full.flow.state_dict().items():
+        assert torch.equal(resumed.flow.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="hidden"):
+        training.train(train_trajectories, tmp_path / "part.pt", TrainingConfig(**{**cfg.to_dict(), "hidden": 8}),
+                       resume=True, progress=False)
+
+
+def test_cli_train(fixture_dir, tmp_path):
+    from openmm_tbg.checkpoint import load_model
+
+    parser = argparse.ArgumentParser()
+    training.configure_parser(parser)
+    name = _train_names(fixture_dir)[0]
+    out = tmp_path / "cli.pt"
+    args = parser.parse_args(["--data", str(fixture_dir), "--peptides", name, "--out", str(out), "--steps", "3",
+                              "--batch-size", "4", "--layers", "2", "--hidden", "8", "--coupling", "ot",
+                              "--device", "cpu", "--max-frames", "20", "--no-progress"])
+    assert training.run_from_cli(args) == 0
+    meta = torch.load(out, weights_only=True)["metadata"]["training"]
+    assert meta["peptides"] == [name] and meta["config"]["coupling"] == "ot" and meta["steps"] == 3
+    assert load_model(out).vector_field.config["hidden"] == 8
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, world: int, port: int, data_dir: str, names: list[str], out_dir: str) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from openmm_tbg.data import load_dataset
+
+    trajs = load_dataset(data_dir, names=names, max_frames=50, progress=False)
+    cfg = TrainingConfig(steps=6, lr=2e-3, **TINY)
+    result = training.train(trajs, os.path.join(out_dir, "ddp.pt"), cfg, progress=False)
+    torch.save({"state": result.flow.state_dict(), "losses": result.losses, "path": result.model_path},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_gloo_two_processes(fixture_dir, tmp_path, train_trajectories):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    names = [t.name for t in train_trajectories]
+    mp.spawn(_ddp_worker, args=(2, port, str(fixture_dir), names, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["path"] is not None and r1["path"] is None  # only rank 0 writes
+    assert os.path.exists(tmp_path / "ddp.pt")
+    assert np.all(np.isfinite(r0["losses"])) and len(r0["losses"]) == 6
+    np.testing.assert_array_equal(r0["losses"], r1["losses"])  # the logged loss is averaged over ranks
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    # The ranks draw different batches.
+    b0 = PeptideBatchSampler(train_trajectories, 8, make_generators(0, 0)[0]).sample()
+    b1 = PeptideBatchSampler(train_trajectories, 8, make_generators(0, 1)[0]).sample()
+    assert not np.array_equal(b0.frame_index, b1.frame_index)
