@@ -705,6 +705,17 @@ def make_generators(seed: int, rank: int = 0) -> tuple[np.random.Generator, torc
             torch.Generator().manual_seed(int(torch_seed.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))))
 
 
+def _load_resume_file(path: str) -> Any:
+    # weights_only: tensors, dicts, lists and ints only, so that a foreign file cannot run code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ValueError(
+            f"Cannot read the resume file {path} ({type(err).__name__}: {err}); it is corrupt or not an "
+            "openmm_tbg resume file. Delete it to start afresh, or pick another --out."
+        ) from err
+
+
 def _collect_rng_states(np_rng: np.random.Generator, gen: torch.Generator) -> dict[str, Any]:
     return {
         "numpy": np_rng.bit_generator.state,
@@ -826,7 +837,7 @@ def train(
 
     state = None
     if resume and os.path.exists(rpath):
-        state = torch.load(rpath, map_location="cpu", weights_only=False)
+        state = _load_resume_file(rpath)
         if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
             raise ValueError(f"{rpath} is not an openmm_tbg training resume file; delete it or pick another --out.")
         if state.get("format_version") != RESUME_FORMAT_VERSION:
@@ -885,8 +896,11 @@ def train(
     if dist_info.active:
         from torch.nn.parallel import DistributedDataParallel
 
+        # find_unused_parameters: a vector field may own parameters that do not reach its output (the EGNN's
+        # last node update); without it DDP stops with "Expected to have finished reduction".
         model = DistributedDataParallel(
-            vector_field, device_ids=[device.index] if device.type == "cuda" else None
+            vector_field, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
         )
     model.train()
 
@@ -1069,7 +1083,7 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     base = TrainingConfig()
     rpath = resume_path(args.out)
     if args.resume and os.path.exists(rpath):
-        saved = torch.load(rpath, map_location="cpu", weights_only=False)
+        saved = _load_resume_file(rpath)
         if isinstance(saved, dict) and saved.get("format") == RESUME_FORMAT:
             base = TrainingConfig.from_dict(saved["config"])
     values = base.to_dict()

@@ -242,6 +242,10 @@ def test_resume_continues_exactly(tmp_path, train_trajectories):
     np.testing.assert_array_equal(resumed.losses, full.losses)
     for key, value in full.flow.state_dict().items():
         assert torch.equal(resumed.flow.state_dict()[key], value), key
+    garbage = tmp_path / "garbage.pt"
+    open(training.resume_path(garbage), "wb").write(b"not a resume file")
+    with pytest.raises(ValueError, match="resume file"):
+        training.train(train_trajectories, garbage, cfg, resume=True, progress=False)
     with pytest.raises(ValueError, match="hidden"):
         training.train(train_trajectories, tmp_path / "part.pt", TrainingConfig(**{**cfg.to_dict(), "hidden": 8}),
                        resume=True, progress=False)
