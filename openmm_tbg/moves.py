@@ -1,0 +1,306 @@
+"""`TBGMove`: a Boltzmann-generator proposal as an openmmtools MCMC move.
+
+Each attempt proposes an independent configuration ``x'`` from the flow (drawn in batches into a buffer,
+checked by :class:`~openmm_tbg.validity.ValidityChecker`) and accepts it with the independence
+Metropolis-Hastings probability::
+
+    min(1, exp(-u(x') + u(x) + log q(x) - log q(x')))
+
+where ``u`` is the reduced potential of the *thermodynamic state the move is applied in*. The flow does not
+depend on temperature, so the same move is correct in every replica of a ``ReplicaExchangeSampler`` and
+mixes with MD moves (``SequenceMove([LangevinDynamicsMove(...), TBGMove(sampler)])``). The proposal keeps
+the current centre of geometry (the flow's density lives on the centre-free subspace).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+import openmm
+from openmm import unit
+from openmmtools import mcmc
+
+from .sampler import BoltzmannGeneratorSampler, check_system, file_sha256, resolve_model, _resolve_device
+from .validity import ValidityChecker
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TBGMove"]
+
+_STATISTICS = ("n_accepted", "n_proposed", "n_invalid", "n_non_finite_energy", "n_mirrored", "n_relabelled",
+               "n_log_prob_evaluations")
+_ENCODING_ARRAYS = ("residue_index", "amino_acid", "atom_class")
+_ENCODING_TUPLES = ("atom_names", "residue_names", "elements")
+
+# Flows loaded by __setstate__, shared between the restored copies of a move (one per replica).
+_MODEL_CACHE: dict = {}
+
+
+def _encoding_to_dict(encoding) -> dict:
+    out = {k: np.asarray(getattr(encoding, k)).astype(int).tolist() for k in _ENCODING_ARRAYS}
+    out.update({k: list(getattr(encoding, k)) for k in _ENCODING_TUPLES})
+    out["masses"] = np.asarray(encoding.masses, dtype=float).tolist()
+    return out
+
+
+def _encoding_from_dict(d: dict):
+    from .encoding import AtomEncoding
+
+    kwargs = {k: np.asarray(d[k], dtype=np.int64) for k in _ENCODING_ARRAYS}
+    kwargs.update({k: tuple(d[k]) for k in _ENCODING_TUPLES})
+    kwargs["masses"] = np.asarray(d["masses"], dtype=np.float64)
+    return AtomEncoding(**kwargs)
+
+
+class TBGMove(mcmc.MCMCMove):
+    """Independence Metropolis-Hastings move with Boltzmann-generator proposals.
+
+    Parameters
+    ----------
+    sampler_or_model : BoltzmannGeneratorSampler, TransferableFlow, str, path or None
+        A sampler (its model, encoding, validity checks and ODE options are used), or a model as accepted by
+        `BoltzmannGeneratorSampler` (None: the shipped model), which then needs ``topology``.
+    topology : openmm.app.Topology, optional
+        Needed when a model is given.
+    encoding : AtomEncoding, optional
+        Bypasses `encode_topology` (toy systems).
+    n_attempts : int
+        Proposals per `apply`.
+    buffer_size : int
+        Flow samples generated per batch.
+    seed : int, optional
+        Seeds the flow's prior and the acceptance test; None draws fresh entropy.
+    device : str
+        Torch device for a model given by path (``"auto"``: CUDA when available).
+    ode_method, atol, rtol, step_size, divergence
+        Integration options (ignored when a sampler is given: its options are used).
+    check_bonds, check_chirality, bond_factor
+        Validity options (ignored when a sampler is given).
+
+    Attributes
+    ----------
+    statistics : dict
+        ``n_accepted``, ``n_proposed``, ``n_invalid`` (failed validity), ``n_non_finite_energy``,
+        ``n_mirrored``, ``n_relabelled``, ``n_log_prob_evaluations``.
+
+    Notes
+    -----
+    Storing the move (``MultiStateReporter``) keeps only the checkpoint path and its sha256, the encoding, the
+    bonds, the options and the statistics. Restoring reloads the model from the path and refuses a file whose
+    sha256 differs. A model that exists only in memory cannot be stored: save it with
+    ``openmm_tbg.save_model`` and pass the path.
+    """
+
+    def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
+                 buffer_size: int = 64, seed: Optional[int] = None, device="auto", ode_method: str = "dopri5",
+                 atol: float = 1e-4, rtol: float = 1e-4, step_size: Optional[float] = None,
+                 divergence: str = "exact", check_bonds: bool = True, check_chirality: bool = True,
+                 bond_factor: float = 1.3):
+        super().__init__()
+        from .encoding import encode_topology
+
+        if int(n_attempts) < 1 or int(buffer_size) < 1:
+            raise ValueError(f"n_attempts and buffer_size must be positive, got {n_attempts} and {buffer_size}.")
+        if isinstance(sampler_or_model, BoltzmannGeneratorSampler):
+            s = sampler_or_model
+            flow, path, sha = s.flow, s.model_path, s.model_sha256
+            encoding = s.encoding
+            bonds = s.checker.bonds
+            ode = dict(s.ode_options)
+            validity = dict(s.validity_options)
+        else:
+            if topology is None and encoding is None:
+                raise ValueError("TBGMove needs the peptide's topology when given a model instead of a "
+                                 "BoltzmannGeneratorSampler: TBGMove(model, topology).")
+            if topology is None:
+                raise ValueError("TBGMove needs the topology (for its bonds) as well as the encoding.")
+            if encoding is None:
+                encoding = encode_topology(topology)
+            flow, path, sha = resolve_model(sampler_or_model, _resolve_device(device))
+            bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+            ode = {"method": ode_method, "atol": float(atol), "rtol": float(rtol), "step_size": step_size,
+                   "divergence": divergence}
+            validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
+                        "bond_factor": float(bond_factor)}
+        seed_seq = np.random.SeedSequence(seed)
+        self._init(flow, path, sha, encoding, bonds, ode, validity, int(n_attempts), int(buffer_size), seed_seq,
+                   {k: 0 for k in _STATISTICS})
+
+    def _init(self, flow, path, sha, encoding, bonds, ode, validity, n_attempts, buffer_size, seed_seq,
+              statistics):
+        import torch
+
+        self.flow = flow
+        self.model_path = path
+        self.model_sha256 = sha
+        self.encoding = encoding
+        self.bonds = [tuple(int(i) for i in b) for b in bonds]
+        self.ode_options = ode
+        self.validity_options = validity
+        self.n_attempts = n_attempts
+        self.buffer_size = buffer_size
+        self._seed_seq = seed_seq
+        self._statistics = dict(statistics)
+        self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
+        self.checker = ValidityChecker.from_bonds(self.bonds, encoding, **validity)
+        torch_seed, np_seed = seed_seq.spawn(2)
+        self._torch_generator = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> 1))
+        self._rng = np.random.default_rng(np_seed)
+        self._buffer: list = []
+        self._cache = None  # (positions, log q) of the last state whose density is known
+
+    # ---------------------------------------------------------------------------------------- statistics
+    @property
+    def statistics(self) -> dict:
+        """Counts since the last `reset_statistics` (plain ints)."""
+        return dict(self._statistics)
+
+    @statistics.setter
+    def statistics(self, value: dict) -> None:
+        self._statistics = {k: int(value.get(k, 0)) for k in _STATISTICS}
+
+    def reset_statistics(self) -> None:
+        """Set all counts to zero."""
+        self._statistics = {k: 0 for k in _STATISTICS}
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed (NaN before the first proposal)."""
+        n = self._statistics["n_proposed"]
+        return self._statistics["n_accepted"] / n if n else float("nan")
+
+    # ---------------------------------------------------------------------------------------- proposals
+    def _refill(self) -> None:
+        x, log_q = self.flow.sample(self.tokens, self.buffer_size, generator=self._torch_generator,
+                                    batch_size=self.buffer_size, progress=False, **self.ode_options)
+        x = x.detach().double().cpu().numpy()
+        log_q = log_q.detach().double().cpu().numpy()
+        report = self.checker(x)
+        self._buffer = [(report.positions[i], float(log_q[i]), bool(report.valid[i]), bool(report.mirrored[i]),
+                         bool(report.relabelled[i])) for i in range(len(x))][::-1]
+
+    def _next_proposal(self):
+        if not self._buffer:
+            self._refill()
+        return self._buffer.pop()
+
+    def _log_q(self, x: np.ndarray) -> float:
+        if self._cache is not None and np.array_equal(self._cache[0], x):
+            return self._cache[1]
+        lq = float(self.flow.log_prob(x[None], self.tokens, batch_size=1, **self.ode_options)[0])
+        self._statistics["n_log_prob_evaluations"] += 1
+        self._cache = (x.copy(), lq)
+        return lq
+
+    # ---------------------------------------------------------------------------------------- the move
+    def _check_state(self, thermodynamic_state, context) -> None:
+        if thermodynamic_state.pressure is not None:
+            raise ValueError("TBGMove cannot be used at constant pressure (the ThermodynamicState has a "
+                             "pressure): the flow samples one molecule at constant volume. Create the "
+                             "ThermodynamicState without pressure and the System without a barostat.")
+        check_system(context.getSystem(), self.encoding.n_atoms, what="ThermodynamicState's System")
+
+    def apply(self, thermodynamic_state, sampler_state, context_cache=None) -> None:
+        """Attempt ``n_attempts`` flow proposals with the Metropolis-Hastings test; updates ``sampler_state``.
+
+        Parameters
+        ----------
+        thermodynamic_state : openmmtools.states.ThermodynamicState
+            Its temperature and System define the target ``exp(-u)``.
+        sampler_state : openmmtools.states.SamplerState
+            Modified in place when a proposal is accepted (velocities are kept).
+        context_cache : openmmtools.cache.ContextCache, optional
+        """
+        context_cache = self._get_context_cache(context_cache)
+        context, _ = context_cache.get_context(thermodynamic_state)
+        self._check_state(thermodynamic_state, context)
+        sampler_state.apply_to_context(context, ignore_velocities=True)
+        u_old = thermodynamic_state.reduced_potential(context)
+        x_old = np.array(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+        centre = x_old.mean(axis=0)
+        accepted = False
+        for _ in range(self.n_attempts):
+            x_new, lq_new, valid, mirrored, relabelled = self._next_proposal()
+            self._statistics["n_proposed"] += 1
+            self._statistics["n_mirrored"] += int(mirrored)
+            self._statistics["n_relabelled"] += int(relabelled)
+            if not valid or not np.isfinite(lq_new):
+                self._statistics["n_invalid"] += 1
+                continue
+            lq_old = self._log_q(x_old)
+            x_new = x_new - x_new.mean(axis=0) + centre
+            context.setPositions(x_new)
+            u_new = thermodynamic_state.reduced_potential(context)
+            if not np.isfinite(u_new):
+                self._statistics["n_non_finite_energy"] += 1
+                continue
+            log_acceptance = -u_new + u_old + lq_old - lq_new
+            if np.log(self._rng.random()) < log_acceptance:
+                self._statistics["n_accepted"] += 1
+                x_old, u_old, accepted = x_new, u_new, True
+                self._cache = (x_new.copy(), lq_new)
+        if accepted:
+            sampler_state.positions = unit.Quantity(x_old, unit.nanometer)
+        sampler_state.apply_to_context(context, ignore_velocities=True)
+
+    # ---------------------------------------------------------------------------------------- copies
+    def __deepcopy__(self, memo):
+        """A copy that shares the flow (read-only) but has its own RNG streams and proposal buffer."""
+        new = self.__class__.__new__(self.__class__)
+        mcmc.MCMCMove.__init__(new)
+        child = self._seed_seq.spawn(1)[0]
+        new._init(self.flow, self.model_path, self.model_sha256, self.encoding, copy.deepcopy(self.bonds),
+                  copy.deepcopy(self.ode_options), copy.deepcopy(self.validity_options), self.n_attempts,
+                  self.buffer_size, child, self._statistics)
+        return new
+
+    def __getstate__(self) -> dict:
+        """YAML-safe state: checkpoint path + sha256, encoding, bonds, options, statistics (plain types)."""
+        if self.model_path is None or self.model_sha256 is None:
+            raise ValueError("This TBGMove's model exists only in memory, so the move cannot be stored (e.g. by "
+                             "MultiStateReporter). Save the model with openmm_tbg.save_model(flow, path) and "
+                             "build the move (or its sampler) from that path.")
+        entropy = self._seed_seq.entropy
+        return {
+            "model_path": str(self.model_path),
+            "model_sha256": str(self.model_sha256),
+            "encoding": _encoding_to_dict(self.encoding),
+            "bonds": [list(b) for b in self.bonds],
+            "ode_options": {k: v for k, v in self.ode_options.items()},
+            "validity_options": dict(self.validity_options),
+            "n_attempts": int(self.n_attempts),
+            "buffer_size": int(self.buffer_size),
+            "seed": str(entropy),  # a str: the entropy can exceed 64 bits
+            "spawn_key": [int(k) for k in self._seed_seq.spawn_key],
+            "statistics": self.statistics,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        from .checkpoint import load_model
+
+        mcmc.MCMCMove.__init__(self)
+        path, sha = state["model_path"], state["model_sha256"]
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"TBGMove: the model checkpoint {path} stored with this move no longer "
+                                    f"exists; restore the file (sha256 {sha}) at that path.")
+        actual = file_sha256(path)
+        if actual != sha:
+            raise ValueError(f"TBGMove: the checkpoint {path} has sha256 {actual}, but the move was stored with "
+                             f"{sha}: the file changed since. Restore the original checkpoint to continue.")
+        device = str(_resolve_device("auto"))
+        key = (os.path.abspath(path), sha, device)
+        if key not in _MODEL_CACHE:
+            flow = load_model(path, device=device)
+            flow.eval()
+            _MODEL_CACHE[key] = flow
+        stats = state.get("statistics", {})
+        # Continue with a different stream than before (mix in how far the chain has gone).
+        seed_seq = np.random.SeedSequence(int(state["seed"]), spawn_key=tuple(state.get("spawn_key", ())) +
+                                          (int(stats.get("n_proposed", 0)),))
+        self._init(_MODEL_CACHE[key], path, sha, _encoding_from_dict(state["encoding"]), state["bonds"],
+                   dict(state["ode_options"]), dict(state["validity_options"]), int(state["n_attempts"]),
+                   int(state["buffer_size"]), seed_seq, stats)
