@@ -242,6 +242,10 @@ def test_resume_continues_exactly(tmp_path, train_trajectories):
     np.testing.assert_array_equal(resumed.losses, full.losses)
     for key, value in full.flow.state_dict().items():
         assert torch.equal(resumed.flow.state_dict()[key], value), key
+    # With EMA on, the returned/saved flow carries the EMA weights, the resume file the raw ones.
+    raw = torch.load(training.resume_path(tmp_path / "part.pt"), weights_only=True)["vector_field"]
+    ema_state = resumed.flow.vector_field.state_dict()
+    assert any(not torch.equal(raw[k], ema_state[k]) for k in raw)
     garbage = tmp_path / "garbage.pt"
     open(training.resume_path(garbage), "wb").write(b"not a resume file")
     with pytest.raises(ValueError, match="resume file"):
