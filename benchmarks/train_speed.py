@@ -34,8 +34,9 @@ def measure(trajectories, config: training.TrainingConfig, length_scale: float, 
         flow = training.build_flow(config, length_scale, 2)
     vf = flow.vector_field.to(device)
     opt = torch.optim.AdamW(vf.parameters(), lr=config.lr)
-    t_batch, t_step, atoms = [], [], []
+    t_batch, t_step, t_cpu, atoms = [], [], [], []
     for i in range(warmup + steps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         batch = training.make_training_batch(sampler, config, length_scale, gen).to(device)
         t1 = time.perf_counter()
@@ -47,7 +48,9 @@ def measure(trajectories, config: training.TrainingConfig, length_scale: float, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
+        c2 = time.process_time()
         if i >= warmup:
+            t_cpu.append(c2 - c0)
             t_batch.append(t1 - t0)
             t_step.append(t2 - t1)
             atoms.append(int(batch.mask.shape[1]))
@@ -59,6 +62,8 @@ def measure(trajectories, config: training.TrainingConfig, length_scale: float, 
         "model_step_ms": 1e3 * float(np.mean(t_step)),
         "steps_per_s": float(1.0 / total.mean()),
         "steps_per_s_median": float(1.0 / np.median(total)),
+        # CPU seconds per step: with one thread, 1 / this is the speed on an otherwise idle core.
+        "cpu_s_per_step": float(np.mean(t_cpu)),
         "mean_padded_atoms": float(np.mean(atoms)),
     }
 
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
     print(f"{args.layers} x {args.hidden} EGNN, batch {args.batch_size}, {len(names)} train dipeptides "
           f"({min(t.encoding.n_atoms for t in trajectories)}-{max(t.encoding.n_atoms for t in trajectories)} "
           f"atoms), device {device}, {os.cpu_count()} CPUs, length scale {length_scale:.4f} nm")
-    print(f"{'coupling':>12} {'threads':>7} {'batch ms':>9} {'model ms':>9} {'steps/s':>8} {'median':>7}")
+    print(f"{'coupling':>12} {'threads':>7} {'batch ms':>9} {'model ms':>9} {'steps/s':>8} {'median':>7} "
+          f"{'cpu s/step':>10}")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for coupling in args.couplings:
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
             r = measure(trajectories, cfg, length_scale, args.steps, args.warmup, device)
             results.append(r)
             print(f"{coupling:>12} {threads:>7} {r['batch_ms']:9.1f} {r['model_step_ms']:9.1f} "
-                  f"{r['steps_per_s']:8.2f} {r['steps_per_s_median']:7.2f}", flush=True)
+                  f"{r['steps_per_s']:8.2f} {r['steps_per_s_median']:7.2f} {r['cpu_s_per_step']:10.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"platform": platform.platform(), "cpu_count": os.cpu_count(), "args": vars(args),
