@@ -1,0 +1,512 @@
+"""Continuous normalizing flow (CNF) of the transferable Boltzmann generator.
+
+The flow maps a mean-free isotropic Gaussian prior (t = 0) to peptide configurations (t = 1) by integrating
+dx/dt = v(x, t | tokens) with torchdiffeq. Log densities follow from the instantaneous change of variables,
+d log p(x(t)) / dt = -div v(x(t), t), integrated alongside x on the augmented state (x, -int div dt).
+
+Coordinates
+-----------
+Positions at the API are nm; the vector field works on internal coordinates ``x_nm / length_scale``. All
+densities live on the 3(N-1)-dimensional subspace of centre-of-geometry-free configurations, and ``log_q`` is
+in nm coordinates: ``log_q_nm = log_q_internal - 3 (N - 1) log(length_scale)``.
+
+Divergence
+----------
+The field's output is mean-free and it only depends on coordinate differences, so its 3N x 3N Jacobian J
+satisfies P J = J and J P = J (P: centring projection). Hence the trace of the full Jacobian equals the trace of
+J restricted to the mean-free subspace, which is the divergence that enters the change of variables. Modes:
+
+* ``"exact"`` (default): the exact trace, batched over the 3N coordinates with a vectorized backward
+  (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks;
+* ``"exact-loop"``: TBG's baseline, one ``torch.autograd.grad`` call per coordinate (3N calls);
+* ``"hutchinson"``: the unbiased stochastic trace estimator eps^T J eps (opt-in). Its noise makes log_q, and
+  hence importance weights exp(-u - log_q), noisy; by Jensen's inequality noisy log weights bias ESS and
+  reweighted averages. Use it only for exploration, never for reported estimates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TransferableFlow", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
+
+DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+
+# Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode; bounds the
+# memory of the batched backward to a few hundred MB in float32.
+_EXACT_CHUNK_ELEMENTS = 2**26
+
+
+def _hidden_width(vector_field: nn.Module) -> int:
+    config = getattr(vector_field, "config", None)
+    if isinstance(config, dict) and "hidden" in config:
+        return int(config["hidden"])
+    return 64
+
+
+def divergence_exact_loop(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Exact divergence by one autograd call per coordinate (TBG's baseline).
+
+    Parameters
+    ----------
+    v : torch.Tensor
+        ``(B, N, 3)`` output of the vector field, computed from ``x`` with autograd enabled.
+    x : torch.Tensor
+        ``(B, N, 3)`` input that requires grad.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` trace of dv/dx of every sample.
+    """
+    B = v.shape[0]
+    v_flat = v.reshape(B, -1)
+    div = torch.zeros(B, dtype=v.dtype, device=v.device)
+    for i in range(v_flat.shape[1]):
+        g = torch.autograd.grad(v_flat[:, i].sum(), x, retain_graph=True)[0]
+        div = div + g.reshape(B, -1)[:, i]
+    return div
+
+
+def divergence_exact_batched(v: torch.Tensor, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Exact divergence with a vectorized backward over chunks of the 3N unit vectors.
+
+    Samples are independent, so the backward of ``e_i`` placed at coordinate i of *every* sample yields
+    d v_i / d x_i for all samples at once; ``is_grads_batched`` vectorizes the 3N backward passes.
+
+    Parameters
+    ----------
+    v, x : torch.Tensor
+        As for :func:`divergence_exact_loop`.
+    chunk_size : int, optional
+        Number of coordinates per vectorized backward; None uses all 3N.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` trace of dv/dx of every sample.
+    """
+    B = v.shape[0]
+    D = v[0].numel()
+    chunk_size = D if chunk_size is None else max(1, min(int(chunk_size), D))
+    div = torch.zeros(B, dtype=v.dtype, device=v.device)
+    eye = torch.eye(D, dtype=v.dtype, device=v.device)
+    for start in range(0, D, chunk_size):
+        stop = min(start + chunk_size, D)
+        basis = eye[start:stop]  # (c, D)
+        grad_outputs = basis[:, None, :].expand(stop - start, B, D).reshape(stop - start, *v.shape)
+        g = torch.autograd.grad(v, x, grad_outputs, retain_graph=True, is_grads_batched=True)[0]
+        # g (c, B, N, 3): pick d v_{start+k} / d x_{start+k}
+        g = g.reshape(stop - start, B, D)
+        idx = torch.arange(start, stop, device=v.device)
+        div = div + g[torch.arange(stop - start, device=v.device), :, idx].sum(0)
+    return div
+
+
+def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Hutchinson estimate eps^T (dv/dx) eps of the divergence, unbiased for E[eps eps^T] = I."""
+    g = torch.autograd.grad(v, x, noise, retain_graph=True)[0]
+    return (g * noise).reshape(v.shape[0], -1).sum(1)
+
+
+class _AugmentedDynamics:
+    """ODE right-hand side on the augmented state (x, l) with dl/dt = -div v."""
+
+    def __init__(self, vector_field: nn.Module, tokens: torch.Tensor, divergence: str,
+                 noise: torch.Tensor | None, chunk_size: int | None):
+        self.vector_field = vector_field
+        self.tokens = tokens
+        self.divergence = divergence
+        self.noise = noise
+        self.chunk_size = chunk_size
+        self.nfe = 0
+
+    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        x, _ = state
+        self.nfe += 1
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            v = self.vector_field(t, x, self.tokens)
+            if self.divergence == "exact":
+                div = divergence_exact_batched(v, x, self.chunk_size)
+            elif self.divergence == "exact-loop":
+                div = divergence_exact_loop(v, x)
+            else:
+                div = divergence_hutchinson(v, x, self.noise)
+        return v.detach(), -div.detach()
+
+
+class TransferableFlow(nn.Module):
+    """Equivariant continuous normalizing flow for peptide configurations.
+
+    Parameters
+    ----------
+    vector_field : torch.nn.Module
+        A module ``vector_field(t, x, tokens, mask=None) -> (B, N, 3)`` that is mean-free in its output and
+        translation invariant in its input (e.g. :class:`openmm_tbg.nn.egnn.EGNNVectorField`).
+    length_scale : float
+        nm per internal length unit: internal coordinates are ``x_nm / length_scale``. TBG scaled nm by 30,
+        i.e. ``length_scale = 1/30`` nm; training picks it from the data's spread.
+    prior_std : float
+        Standard deviation of the isotropic Gaussian prior in internal units.
+    """
+
+    def __init__(self, vector_field: nn.Module, length_scale: float = 1.0 / 30.0, prior_std: float = 1.0):
+        super().__init__()
+        if not (isinstance(length_scale, (int, float)) and math.isfinite(length_scale) and length_scale > 0):
+            raise ValueError(f"TransferableFlow: length_scale must be a positive float (nm), got {length_scale!r}.")
+        if not (isinstance(prior_std, (int, float)) and math.isfinite(prior_std) and prior_std > 0):
+            raise ValueError(f"TransferableFlow: prior_std must be a positive float, got {prior_std!r}.")
+        self.vector_field = vector_field
+        self.length_scale = float(length_scale)
+        self.prior_std = float(prior_std)
+        # Tracks the flow's dtype and device through .to()/.double(); not part of the state_dict.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        #: statistics of the last ``sample``/``log_prob`` call (function evaluations, batches, ...)
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able dict from which :meth:`from_config` rebuilds the flow (EGNN vector field)."""
+        vf_config = getattr(self.vector_field, "config", None)
+        if not isinstance(vf_config, dict):
+            raise TypeError(
+                f"TransferableFlow.config: the vector field {type(self.vector_field).__name__} has no `config` "
+                "dict; only flows whose vector field can be rebuilt from its config can be saved."
+            )
+        return {
+            "vector_field_class": type(self.vector_field).__name__,
+            "vector_field": dict(vf_config),
+            "length_scale": self.length_scale,
+            "prior_std": self.prior_std,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TransferableFlow":
+        """Build a flow with an :class:`EGNNVectorField` from :attr:`config` (weights are fresh)."""
+        from openmm_tbg.nn.egnn import EGNNVectorField
+
+        if not isinstance(config, dict) or "vector_field" not in config:
+            raise ValueError(f"TransferableFlow.from_config: expected a dict with a 'vector_field' entry, got {config!r}.")
+        vf_class = config.get("vector_field_class", "EGNNVectorField")
+        if vf_class != "EGNNVectorField":
+            raise ValueError(
+                f"TransferableFlow.from_config: vector field class {vf_class!r} is not supported; only "
+                "EGNNVectorField can be rebuilt from a config."
+            )
+        flow = cls(
+            EGNNVectorField(**config["vector_field"]),
+            length_scale=float(config.get("length_scale", 1.0 / 30.0)),
+            prior_std=float(config.get("prior_std", 1.0)),
+        )
+        dtype = config.get("dtype", "float32")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"TransferableFlow.from_config: dtype must be 'float32' or 'float64', got {dtype!r}.")
+        return flow.to(getattr(torch, dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    # ------------------------------------------------------------------ prior
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of the mean-free Gaussian prior on the 3(N-1)-dimensional subspace (internal units).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            ``(B, N, 3)`` internal coordinates; the centre of geometry is removed first.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B,)`` float64: ``-|z|^2 / (2 s^2) - 3 (N - 1) / 2 * log(2 pi s^2)``.
+        """
+        if z.dim() != 3 or z.shape[-1] != 3:
+            raise ValueError(f"prior_log_prob: z must have shape (B, N, 3), got {tuple(z.shape)}.")
+        z = z.double()
+        z = z - z.mean(1, keepdim=True)
+        dim = 3 * (z.shape[1] - 1)
+        s2 = self.prior_std**2
+        return -(z * z).sum((1, 2)) / (2 * s2) - 0.5 * dim * math.log(2 * math.pi * s2)
+
+    def sample_prior(self, n: int, n_atoms: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``n`` mean-free Gaussian configurations ``(n, n_atoms, 3)`` in internal units.
+
+        Projecting an isotropic Gaussian onto the mean-free subspace gives an isotropic Gaussian there with the
+        same standard deviation.
+        """
+        if n_atoms < 2:
+            raise ValueError(f"sample_prior: need at least 2 atoms, got {n_atoms}.")
+        gen_device = generator.device if generator is not None else self.device
+        z = torch.randn(n, n_atoms, 3, generator=generator, dtype=self.dtype, device=gen_device)
+        z = (z - z.mean(1, keepdim=True)) * self.prior_std
+        return z.to(self.device)
+
+    # ------------------------------------------------------------------ helpers
+    def _as_tokens(self, tokens: Any) -> torch.Tensor:
+        if hasattr(tokens, "tokens") and not isinstance(tokens, (torch.Tensor, np.ndarray)):
+            tokens = tokens.tokens  # an AtomEncoding
+        tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+        if tokens.dim() != 2 or tokens.shape[1] != 3:
+            raise ValueError(
+                f"TransferableFlow: tokens must have shape (n_atoms, 3) ([residue_index, amino_acid, atom_class], "
+                f"e.g. AtomEncoding.tokens), got {tuple(tokens.shape)}."
+            )
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"TransferableFlow: tokens must be integers, got dtype {tokens.dtype}.")
+        if tokens.shape[0] < 2:
+            raise ValueError(f"TransferableFlow: need at least 2 atoms, got {tokens.shape[0]}.")
+        tokens = tokens.long().to(self.device)
+        check = getattr(self.vector_field, "check_tokens", None)
+        if check is not None:
+            check(tokens)
+        return tokens
+
+    @staticmethod
+    def _check_solver(method: str, atol: float, rtol: float, step_size: float | None, divergence: str):
+        if divergence not in DIVERGENCE_MODES:
+            raise ValueError(f"TransferableFlow: unknown divergence {divergence!r}; choose one of {DIVERGENCE_MODES}.")
+        if method in ADAPTIVE_METHODS:
+            if step_size is not None:
+                raise ValueError(
+                    f"TransferableFlow: step_size applies to fixed-step methods {FIXED_STEP_METHODS}; the adaptive "
+                    f"method {method!r} is controlled by atol/rtol. Pass step_size=None."
+                )
+            if not (atol > 0 and rtol > 0):
+                raise ValueError(f"TransferableFlow: atol and rtol must be positive, got atol={atol}, rtol={rtol}.")
+            return {}
+        if method in FIXED_STEP_METHODS:
+            if step_size is None or not (0 < step_size <= 1):
+                raise ValueError(
+                    f"TransferableFlow: fixed-step method {method!r} needs step_size in (0, 1] (the time runs "
+                    f"from 0 to 1), got {step_size!r}; e.g. step_size=0.05 for 20 steps."
+                )
+            return {"step_size": float(step_size)}
+        raise ValueError(
+            f"TransferableFlow: unknown ODE method {method!r}; choose an adaptive method {ADAPTIVE_METHODS} "
+            f"(with atol/rtol) or a fixed-step method {FIXED_STEP_METHODS} (with step_size)."
+        )
+
+    def _chunk_size(self, batch: int, n_atoms: int) -> int:
+        per_coordinate = batch * n_atoms * n_atoms * _hidden_width(self.vector_field)
+        return max(1, _EXACT_CHUNK_ELEMENTS // max(1, per_coordinate))
+
+    def _integrate(self, x0: torch.Tensor, tokens: torch.Tensor, t0: float, t1: float, method: str,
+                   atol: float, rtol: float, options: dict, divergence: str,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from torchdiffeq import odeint
+
+        noise = None
+        if divergence == "hutchinson":
+            gen_device = generator.device if generator is not None else self.device
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=gen_device).to(x0.device)
+            noise = noise - noise.mean(1, keepdim=True)  # mean-free: the estimator probes the subspace only
+        func = _AugmentedDynamics(self.vector_field, tokens, divergence, noise,
+                                  self._chunk_size(x0.shape[0], x0.shape[1]))
+        l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
+        with torch.no_grad():
+            xs, ls = odeint(func, (x0, l0), times, method=method, atol=atol, rtol=rtol, options=options or None)
+        return xs[-1], ls[-1], func.nfe
+
+    @staticmethod
+    def _generator(generator: torch.Generator | int | None) -> torch.Generator:
+        if isinstance(generator, torch.Generator):
+            return generator
+        g = torch.Generator()
+        if generator is None:
+            g.seed()  # fresh entropy, never the global RNG
+        else:
+            g.manual_seed(int(generator))
+        return g
+
+    # ------------------------------------------------------------------ API
+    def sample(
+        self,
+        tokens: Any,
+        n: int,
+        *,
+        generator: torch.Generator | int | None = None,
+        batch_size: int | None = None,
+        method: str = "dopri5",
+        atol: float = 1e-4,
+        rtol: float = 1e-4,
+        step_size: float | None = None,
+        divergence: str = "exact",
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw configurations and their exact log density.
+
+        Integrates prior (t = 0) to data (t = 1).
+
+        Parameters
+        ----------
+        tokens : array-like or AtomEncoding
+            ``(n_atoms, 3)`` integer tokens of the molecule.
+        n : int
+            Number of samples.
+        generator : torch.Generator or int, optional
+            RNG (or seed) for the prior and Hutchinson noise; None draws fresh entropy.
+        batch_size : int, optional
+            Samples integrated together; None integrates all ``n`` at once.
+        method : str
+            torchdiffeq method: adaptive (``"dopri5"``, with atol/rtol) or fixed-step (``"euler"``,
+            ``"midpoint"``, ``"rk4"``, with step_size).
+        atol, rtol : float
+            Tolerances of adaptive methods (internal units; TBG: 1e-4).
+        step_size : float, optional
+            Time step of fixed-step methods (1 / number of steps).
+        divergence : str
+            ``"exact"`` (default), ``"exact-loop"`` or ``"hutchinson"`` (biased weights; opt-in).
+        progress : bool
+            Show a tqdm bar over batches.
+
+        Returns
+        -------
+        x_nm : torch.Tensor
+            ``(n, n_atoms, 3)`` positions in nm (centre of geometry at the origin), flow dtype, on the CPU.
+        log_q : torch.Tensor
+            ``(n,)`` float64 log density on the centre-of-geometry-free subspace in nm coordinates, on the CPU.
+        """
+        from tqdm.auto import tqdm
+
+        tokens = self._as_tokens(tokens)
+        if int(n) != n or n < 1:
+            raise ValueError(f"TransferableFlow.sample: n must be a positive integer, got {n!r}.")
+        n = int(n)
+        options = self._check_solver(method, atol, rtol, step_size, divergence)
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"TransferableFlow.sample: batch_size must be positive, got {batch_size}.")
+        if divergence == "hutchinson":
+            warnings.warn(
+                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
+                "divergence for any reported estimate.", stacklevel=2)
+        generator = self._generator(generator)
+        n_atoms = tokens.shape[0]
+        log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
+        xs, lqs, nfe = [], [], []
+        n_batches = (n + batch_size - 1) // batch_size
+        for b in tqdm(range(n_batches), disable=not progress, desc="flow samples", unit="batch"):
+            m = min(batch_size, n - b * batch_size)
+            z = self.sample_prior(m, n_atoms, generator)
+            x1, l1, k = self._integrate(z, tokens, 0.0, 1.0, method, atol, rtol, options, divergence, generator)
+            log_q = self.prior_log_prob(z) + l1.double() - log_scale
+            x1 = x1 - x1.mean(1, keepdim=True)
+            xs.append((x1 * self.length_scale).cpu())
+            lqs.append(log_q.cpu())
+            nfe.append(k)
+        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence}
+        logger.debug("sampled %d configurations of %d atoms; function evaluations per batch %s", n, n_atoms, nfe)
+        return torch.cat(xs), torch.cat(lqs)
+
+    def log_prob(
+        self,
+        x_nm: Any,
+        tokens: Any,
+        *,
+        batch_size: int | None = None,
+        method: str = "dopri5",
+        atol: float = 1e-4,
+        rtol: float = 1e-4,
+        step_size: float | None = None,
+        divergence: str = "exact",
+        generator: torch.Generator | int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Log density of configurations under the flow (integrates data, t = 1, to prior, t = 0).
+
+        Parameters
+        ----------
+        x_nm : array-like, torch.Tensor or openmm.unit.Quantity
+            ``(n, n_atoms, 3)`` positions in nm; centred (plain mean) before evaluation.
+        tokens : array-like or AtomEncoding
+            ``(n_atoms, 3)`` integer tokens.
+        batch_size, method, atol, rtol, step_size, divergence, progress
+            As in :meth:`sample`.
+        generator : torch.Generator or int, optional
+            RNG for the Hutchinson noise (ignored by the exact modes).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` float64 log density on the centre-of-geometry-free subspace in nm coordinates, on the CPU.
+        """
+        from tqdm.auto import tqdm
+
+        tokens = self._as_tokens(tokens)
+        x = self._as_positions(x_nm, tokens.shape[0])
+        options = self._check_solver(method, atol, rtol, step_size, divergence)
+        n = x.shape[0]
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"TransferableFlow.log_prob: batch_size must be positive, got {batch_size}.")
+        if divergence == "hutchinson":
+            warnings.warn(
+                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
+                "divergence for any reported estimate.", stacklevel=2)
+            generator = self._generator(generator)
+        n_atoms = tokens.shape[0]
+        log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
+        out, nfe = [], []
+        n_batches = (n + batch_size - 1) // batch_size
+        for b in tqdm(range(n_batches), disable=not progress, desc="flow log_prob", unit="batch"):
+            x1 = x[b * batch_size:(b + 1) * batch_size].to(self.device)
+            x1 = x1 - x1.mean(1, keepdim=True)
+            x1 = x1 / self.length_scale
+            z, l0, k = self._integrate(x1, tokens, 1.0, 0.0, method, atol, rtol, options, divergence, generator)
+            out.append((self.prior_log_prob(z) - l0.double() - log_scale).cpu())
+            nfe.append(k)
+        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence}
+        return torch.cat(out)
+
+    def _as_positions(self, x_nm: Any, n_atoms: int) -> torch.Tensor:
+        try:  # openmm.unit.Quantity
+            from openmm import unit
+
+            if unit.is_quantity(x_nm):
+                x_nm = x_nm.value_in_unit(unit.nanometer)
+        except ImportError:  # pragma: no cover - openmm is a hard dependency of the package
+            pass
+        if isinstance(x_nm, torch.Tensor):
+            x = x_nm.detach()
+        else:
+            x = torch.as_tensor(np.asarray(x_nm, dtype=np.float64))
+        if x.dim() != 3 or x.shape[-1] != 3:
+            raise ValueError(
+                f"TransferableFlow.log_prob: positions must have shape (n_samples, n_atoms, 3) in nm, got "
+                f"{tuple(x.shape)}; add a leading axis for a single configuration."
+            )
+        if x.shape[1] != n_atoms:
+            raise ValueError(
+                f"TransferableFlow.log_prob: positions have {x.shape[1]} atoms but tokens have {n_atoms}; "
+                "pass the tokens of the same molecule (same atom order) as the positions."
+            )
+        if x.shape[0] < 1:
+            raise ValueError("TransferableFlow.log_prob: no configurations given (n_samples = 0).")
+        finite = torch.isfinite(x).all(dim=(1, 2))
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(
+                f"TransferableFlow.log_prob: {len(bad)} configuration(s) contain NaN or infinite positions "
+                f"(indices {bad[:10]}{'...' if len(bad) > 10 else ''}); remove them before evaluating densities."
+            )
+        return x.to(self.dtype)
