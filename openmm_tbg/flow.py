@@ -16,8 +16,9 @@ The field's output is mean-free and it only depends on coordinate differences, s
 satisfies P J = J and J P = J (P: centring projection). Hence the trace of the full Jacobian equals the trace of
 J restricted to the mean-free subspace, which is the divergence that enters the change of variables. Modes:
 
-* ``"exact"`` (default): the exact trace, batched over the 3N coordinates with a vectorized backward
-  (``torch.autograd.grad(..., is_grads_batched=True)``) in chunks;
+* ``"exact"`` (default): the exact trace with the implementation that is fastest on the device: on CUDA a
+  vectorized backward over chunks of the 3N unit vectors (``torch.autograd.grad(..., is_grads_batched=True)``),
+  on the CPU the per-coordinate loop, which measured faster there (see :func:`divergence_exact`);
 * ``"exact-loop"``: TBG's baseline, one ``torch.autograd.grad`` call per coordinate (3N calls);
 * ``"hutchinson"``: the unbiased stochastic trace estimator eps^T J eps (opt-in). Its noise makes log_q, and
   hence importance weights exp(-u - log_q), noisy; by Jensen's inequality noisy log weights bias ESS and
@@ -37,7 +38,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransferableFlow", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
+__all__ = ["TransferableFlow", "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
+           "divergence_hutchinson", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
 
 DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
@@ -114,6 +116,20 @@ def divergence_exact_batched(v: torch.Tensor, x: torch.Tensor, chunk_size: int |
     return div
 
 
+def divergence_exact(v: torch.Tensor, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Exact divergence with the implementation that is fastest on ``v``'s device.
+
+    Measured on the 2-core CPU (5 x 64 EGNN, 40 atoms, batch 16, one thread): the per-coordinate loop takes
+    ~13 s per function evaluation and the vectorized backward 19-39 s (chunks of 4-30 coordinates; the vmap'd
+    backward moves c times larger tensors through memory), and forward-mode ``torch.func.vmap(jvp)`` is slower
+    still; so the CPU uses the loop. On CUDA the per-call launch overhead of 3N sequential backward passes
+    dominates for small models, so the vectorized backward is used there (chunked to bound memory).
+    """
+    if v.device.type == "cpu":
+        return divergence_exact_loop(v, x)
+    return divergence_exact_batched(v, x, chunk_size)
+
+
 def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Hutchinson estimate eps^T (dv/dx) eps of the divergence, unbiased for E[eps eps^T] = I."""
     g = torch.autograd.grad(v, x, noise, retain_graph=True)[0]
@@ -139,7 +155,7 @@ class _AugmentedDynamics:
             x = x.detach().requires_grad_(True)
             v = self.vector_field(t, x, self.tokens)
             if self.divergence == "exact":
-                div = divergence_exact_batched(v, x, self.chunk_size)
+                div = divergence_exact(v, x, self.chunk_size)
             elif self.divergence == "exact-loop":
                 div = divergence_exact_loop(v, x)
             else:

@@ -73,9 +73,11 @@ class _EquivariantLayer(nn.Module):
             + self.edge_radial(radial)
         )
         m = self.edge_mlp(pre)  # (B, N, N, H)
+        # Fold the edge mask into the (B, N, N, 1) attention gate: one big multiply instead of two.
+        gate = edge_mask[..., None]
         if self.attention:
-            m = m * self.att_mlp(m)
-        m = m * edge_mask[..., None]
+            gate = self.att_mlp(m) * gate
+        m = m * gate
 
         phi = self.coord_mlp(m)  # (B, N, N, 1)
         if self.tanh:

@@ -1,0 +1,214 @@
+"""Saving and loading trained flows.
+
+A checkpoint is a ``torch.save`` of a plain dict::
+
+    {"format": "openmm_tbg.checkpoint", "format_version": 1, "encoding_version": ENCODING_VERSION,
+     "flow_config": TransferableFlow.config, "state_dict": flow.state_dict(), "metadata": {...}}
+
+It is read with ``torch.load(weights_only=True)``, so loading a file never executes pickled code. Corrupt,
+foreign and incompatible files raise :class:`CheckpointError` with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "save_model", "load_model", "DEFAULT_MODEL_PATH", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "openmm_tbg.checkpoint"
+FORMAT_VERSION = 1
+#: the pretrained model shipped with the package (loaded by ``load_model()``)
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "tbg_dipeptides.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, not an openmm_tbg checkpoint, or incompatible with this version."""
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_metadata(value: Any, where: str = "metadata") -> None:
+    """Metadata must survive ``torch.load(weights_only=True)``: plain Python containers, numbers, strings."""
+    if value is None or isinstance(value, (bool, int, str, torch.Tensor)):
+        return
+    if isinstance(value, float):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_metadata(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"save_model: {where} has a non-string key {key!r}; use string keys.")
+            _check_metadata(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"save_model: {where} is of type {type(value).__name__}, which a weights_only checkpoint cannot hold; "
+        "convert it to a plain int/float/str/bool/None/list/dict (e.g. float(x), array.tolist())."
+    )
+
+
+def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> str:
+    """Write a flow to a checkpoint file (atomically) and return its sha256.
+
+    Parameters
+    ----------
+    flow : TransferableFlow
+        A flow whose vector field has a ``config`` (e.g. an EGNN vector field).
+    path : str or os.PathLike
+        Output file (conventionally ``*.pt``); parent directories are created.
+    metadata : dict, optional
+        JSON-like information stored with the model (training data, metrics, hardware, ...).
+
+    Returns
+    -------
+    str
+        sha256 hex digest of the written file.
+    """
+    from openmm_tbg.encoding import ENCODING_VERSION
+
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"save_model: metadata must be a dict or None, got {type(metadata).__name__}.")
+    _check_metadata(metadata)
+    config = flow.config  # raises TypeError for vector fields that cannot be rebuilt
+    state = {k: v.detach().cpu() for k, v in flow.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"save_model: parameters {bad[:5]} contain NaN or inf; refusing to save a broken model.")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoding_version": ENCODING_VERSION,
+        "flow_config": config,
+        "state_dict": state,
+        "metadata": metadata,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary file in the same directory, then rename: a crash never leaves a half-written model.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    digest = _sha256(path)
+    logger.info("saved model to %s (sha256 %s)", path, digest)
+    return digest
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """Load a flow from a checkpoint file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        Checkpoint written by :func:`save_model`; None loads the pretrained model shipped in
+        ``openmm_tbg/models/tbg_dipeptides.pt``.
+    device : str or torch.device
+        Device for the returned flow.
+
+    Returns
+    -------
+    TransferableFlow
+        The flow in eval mode, with attributes ``checkpoint_path`` (absolute path), ``checkpoint_sha256`` and
+        ``checkpoint_metadata``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist (or, for ``path=None``, no pretrained model ships with this installation).
+    CheckpointError
+        The file is corrupt, not an openmm_tbg checkpoint, or incompatible with this version of openmm_tbg.
+    """
+    from openmm_tbg.encoding import ENCODING_VERSION
+    from openmm_tbg.flow import TransferableFlow
+
+    if path is None:
+        path = DEFAULT_MODEL_PATH
+        if not path.exists():
+            raise FileNotFoundError(
+                f"No pretrained model ships with this installation of openmm_tbg yet (expected {path}). Train one "
+                "with `openmm-tbg train` (or openmm_tbg.training.train) and pass its file, e.g. "
+                "load_model('my_model.pt') or BoltzmannGeneratorSampler(system, topology, model='my_model.pt')."
+            )
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_model: checkpoint file {path} does not exist; pass the path of a file "
+                                "written by openmm_tbg.save_model.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated file, foreign pickle with classes, plain text ...
+        raise CheckpointError(
+            f"Cannot read {path} as an openmm_tbg checkpoint: the file is corrupt (truncated or damaged) or is not "
+            f"a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Re-download or re-create it with openmm_tbg.save_model."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not an openmm_tbg model checkpoint (format {found!r}, expected "
+            f"{FORMAT!r}). Pass a file written by openmm_tbg.save_model (a training resume file *.resume.pt "
+            "is not a model)."
+        )
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version!r}, but this openmm_tbg reads version {FORMAT_VERSION}. "
+            "Use the openmm_tbg version that wrote it, or re-save the model with this one."
+        )
+    encoding_version = payload.get("encoding_version")
+    if encoding_version != ENCODING_VERSION:
+        raise CheckpointError(
+            f"{path} was trained with atom encoding {encoding_version!r}, but this openmm_tbg encodes atoms as "
+            f"{ENCODING_VERSION!r}: the model's tokens would mean different atoms. Use the matching openmm_tbg "
+            "version or retrain the model."
+        )
+    missing = [k for k in ("flow_config", "state_dict", "metadata") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete openmm_tbg checkpoint: missing entries {missing}.")
+    try:
+        flow = TransferableFlow.from_config(payload["flow_config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} holds an invalid flow configuration ({exc}).") from exc
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict is a {type(state).__name__}, expected a dict of tensors.")
+    try:
+        flow.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: the stored weights do not fit the stored model configuration ({str(exc).splitlines()[0]} "
+            "...). The file was edited or written by an incompatible version; re-save the model."
+        ) from exc
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: parameters {bad[:5]} contain NaN or inf; the model is broken.")
+    flow = flow.to(device).eval()
+    flow.checkpoint_path = str(path.resolve())
+    flow.checkpoint_sha256 = _sha256(path)
+    flow.checkpoint_metadata = payload["metadata"]
+    logger.info("loaded model %s (sha256 %s)", path, flow.checkpoint_sha256)
+    return flow
