@@ -15,6 +15,12 @@ Checkpoints are written with :func:`openmm_tbg.checkpoint.save_model`; next to t
 ``<out>.resume.pt`` holds the optimizer, schedule, EMA, RNG states and step so that an interrupted run
 continues exactly (bit-for-bit on CPU). Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
 :class:`torch.nn.parallel.DistributedDataParallel`; each rank draws its own batches and only rank 0 writes files.
+
+Command line::
+
+    openmm-tbg train --data DIR --out model.pt --steps 20000 --batch-size 32 --layers 5 --hidden 64 --coupling ot
+    torchrun --nproc_per_node 4 -m openmm_tbg.cli train --data DIR --out model.pt ...   # 4 GPUs
+    openmm-tbg train --data DIR --out model.pt --resume                                 # continue exactly
 """
 
 from __future__ import annotations
