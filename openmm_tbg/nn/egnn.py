@@ -200,8 +200,8 @@ class EGNNVectorField(nn.Module):
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"EGNNVectorField: x must have shape (B, N, 3), got {tuple(x.shape)}.")
         B, N, _ = x.shape
-        if tokens.dim() == 2:
-            tokens = tokens.unsqueeze(0).expand(B, N, tokens.shape[-1])
+        if tokens.dim() == 2 and tokens.shape == (N, 3):
+            tokens = tokens.unsqueeze(0).expand(B, N, 3)
         if tokens.dim() != 3 or tokens.shape[0] != B or tokens.shape[1] != N or tokens.shape[2] != 3:
             raise ValueError(
                 f"EGNNVectorField: tokens must have shape (N, 3) or (B, N, 3) matching x {tuple(x.shape)}, "
