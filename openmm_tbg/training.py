@@ -785,7 +785,7 @@ def _check_resume_compatible(saved: TrainingConfig, given: TrainingConfig) -> Tr
     merged = dict(saved_d)
     for k in _RESUMABLE_CHANGES:
         merged[k] = given_d[k]
-    if merged["steps"] != saved_d["steps"]:
+    if merged["steps"] != saved_d["steps"] and int(os.environ.get("RANK", "0")) == 0:
         logger.warning("Resuming with steps=%d instead of %d: the cosine learning-rate schedule changes.",
                        merged["steps"], saved_d["steps"])
     return TrainingConfig.from_dict(merged)
@@ -862,13 +862,14 @@ def train(
         by_name = {t.name: t for t in trajectories}
         trajectories = [by_name[n] for n in state["peptides"]]
         names = list(state["peptides"])
-        logger.info("Resuming %s at step %d of %d.", out, state["step"], config.steps)
+        if dist_info.is_main:
+            logger.info("Resuming %s at step %d of %d.", out, state["step"], config.steps)
     elif resume:
         logger.info("No resume file %s; starting a new run.", rpath)
 
     if config.length_scale is None:
         config.length_scale = estimate_length_scale(trajectories)
-        logger.info("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
+        (logger.info if dist_info.is_main else logger.debug)("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
     if config.max_residues is None:
         config.max_residues = max(int(t.encoding.n_residues) for t in trajectories)
 

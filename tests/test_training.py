@@ -247,7 +247,8 @@ def test_resume_continues_exactly(tmp_path, train_trajectories):
     ema_state = resumed.flow.vector_field.state_dict()
     assert any(not torch.equal(raw[k], ema_state[k]) for k in raw)
     garbage = tmp_path / "garbage.pt"
-    open(training.resume_path(garbage), "wb").write(b"not a resume file")
+    with open(training.resume_path(garbage), "wb") as fh:
+        fh.write(b"not a resume file")
     with pytest.raises(ValueError, match="resume file"):
         training.train(train_trajectories, garbage, cfg, resume=True, progress=False)
     with pytest.raises(ValueError, match="hidden"):
