@@ -643,10 +643,10 @@ def load_training_data(
     directory : path
         Data-set directory (``XY.pdb`` + ``XY.npz`` + optional ``splits.json``).
     split : str or None
-        ``"train"`` (default) or ``None`` for all peptides (only allowed without a splits.json or with
-        explicit ``names``); ``"test"`` is refused.
+        ``"train"`` (default) or ``None`` for all peptides; ``"test"`` is refused, and so is any test-split
+        peptide.
     names : sequence of str, optional
-        Restrict to these peptides.
+        Restrict to these peptides (which must lie in ``split`` when one is given).
     stride, max_frames : int
         Passed to ``load_dataset``.
     """
@@ -656,6 +656,13 @@ def load_training_data(
 
     if names is not None:
         check_not_test_split(names, directory)
+        if split is not None and os.path.exists(os.path.join(os.fspath(directory), "splits.json")):
+            from openmm_tbg.data import read_splits
+
+            outside = sorted(set(names) - set(read_splits(directory).get(split, [])))
+            if outside:
+                raise ValueError(f"Peptides {outside} are not in the {split!r} split of {directory}; drop them "
+                                 "from --peptides (or pass --split all to allow any non-test peptide).")
     trajectories = load_dataset(directory, split=split, names=None if names is None else list(names),
                                 stride=stride, max_frames=max_frames, progress=progress)
     check_not_test_split([t.name for t in trajectories], directory)
@@ -1053,7 +1060,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     d = TrainingConfig()
     parser.description = "Train a transferable Boltzmann generator by conditional flow matching."
     parser.add_argument("--data", required=True, help="data-set directory (XY.pdb + XY.npz [+ splits.json])")
-    parser.add_argument("--split", default="train", help="split to train on (default: train; 'test' is refused)")
+    parser.add_argument("--split", default="train",
+                        help="split to train on (default: train; 'all' = every non-test peptide; 'test' is refused)")
     parser.add_argument("--peptides", nargs="+", default=None, metavar="XY",
                         help="train only on these peptides (within --split)")
     parser.add_argument("--out", required=True, help="model file to write (the resume file is <out>.resume.pt)")

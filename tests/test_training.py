@@ -208,6 +208,8 @@ def test_refuses_test_split(fixture_dir, tmp_path):
     with pytest.raises(TestSplitError, match=test_names[-1]):
         training.load_training_data(fixture_dir, names=[_train_names(fixture_dir)[0], test_names[-1]],
                                     progress=False)
+    with pytest.raises(ValueError, match="not in the 'train' split"):
+        training.load_training_data(fixture_dir, names=["GG"], progress=False)
     assert not (tmp_path / "m.pt").exists()
 
 
