@@ -876,7 +876,8 @@ def train(
 
     if config.length_scale is None:
         config.length_scale = estimate_length_scale(trajectories)
-        (logger.info if dist_info.is_main else logger.debug)("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
+        if dist_info.is_main:
+            logger.info("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
     if config.max_residues is None:
         config.max_residues = max(int(t.encoding.n_residues) for t in trajectories)
 
