@@ -1,0 +1,168 @@
+"""Tests of model checkpoints: round trip, sha256, and every refusal."""
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_tbg import checkpoint
+from openmm_tbg.checkpoint import CheckpointError, load_model, save_model
+from openmm_tbg.encoding import ENCODING_VERSION
+from openmm_tbg.flow import TransferableFlow
+from openmm_tbg.nn.egnn import EGNNVectorField
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_flow(dtype=torch.float32) -> TransferableFlow:
+    torch.manual_seed(0)  # parameter init only
+    field = EGNNVectorField(n_layers=2, hidden=16, max_residues=2, n_atom_classes=10)
+    with torch.no_grad():
+        for layer in field.layers:
+            layer.coord_mlp[-1].weight.normal_(0.0, 0.1)
+    return TransferableFlow(field, length_scale=0.07, prior_std=1.2).to(dtype)
+
+
+TOKENS = np.array([[0, 1, 2], [0, 1, 3], [0, 1, 3], [1, 4, 5], [1, 4, 6]], dtype=np.int64)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    flow = make_flow()
+    path = tmp_path / "model.pt"
+    digest = save_model(flow, path, metadata={"steps": 10, "losses": [1.0, 0.5], "note": None})
+    return flow, path, digest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_gives_the_same_model(tmp_path, dtype):
+    flow = make_flow(dtype)
+    path = tmp_path / "sub" / "model.pt"
+    digest = save_model(flow, path, metadata={"data": {"peptides": ["AA", "NY"]}})
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_model(path)
+    assert loaded.checkpoint_sha256 == digest
+    assert loaded.checkpoint_path == str(path.resolve())
+    assert loaded.checkpoint_metadata == {"data": {"peptides": ["AA", "NY"]}}
+    assert loaded.dtype == dtype and not loaded.training
+    assert loaded.config == flow.config
+    kw = dict(method="rk4", step_size=0.25)
+    a = flow.sample(TOKENS, 3, generator=1, **kw)
+    b = loaded.sample(TOKENS, 3, generator=1, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not [f for f in path.parent.iterdir() if f.name != "model.pt"]  # no temporary files left
+
+
+def test_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nothing.pt")
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_PATH", tmp_path / "tbg_dipeptides.pt")
+    with pytest.raises(FileNotFoundError, match="No pretrained model ships"):
+        load_model()
+
+
+def test_corrupt_files_are_refused(saved, tmp_path):
+    _, path, _ = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    text = tmp_path / "text.pt"
+    text.write_text("ATOM      1  N   ALA A   1\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for bad in (truncated, garbage, text, empty):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_model(bad)
+
+
+class _Foreign:
+    """A class that weights_only loading must refuse to unpickle."""
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_foreign_files_are_refused(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, plain)
+    with pytest.raises(CheckpointError, match="not an openmm_tbg model checkpoint"):
+        load_model(plain)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match="not an openmm_tbg model checkpoint"):
+        load_model(tensor)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "openmm_tbg.checkpoint", "obj": _Foreign()}, unsafe)
+    with pytest.raises(CheckpointError, match="corrupt"):  # weights_only refuses arbitrary classes
+        load_model(unsafe)
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(pickle.dumps({"format": "openmm_tbg.checkpoint"}))
+    with pytest.raises(CheckpointError):
+        load_model(pickled)
+
+
+def _rewrite(path, out, **changes):
+    payload = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del payload[key]
+        else:
+            payload[key] = value
+    torch.save(payload, out)
+    return out
+
+
+def test_incompatible_files_are_refused(saved, tmp_path):
+    _, path, _ = saved
+    with pytest.raises(CheckpointError, match="format_version 2"):
+        load_model(_rewrite(path, tmp_path / "v2.pt", format_version=2))
+    with pytest.raises(CheckpointError, match="atom encoding 'tbg-other'"):
+        load_model(_rewrite(path, tmp_path / "enc.pt", encoding_version="tbg-other"))
+    with pytest.raises(CheckpointError, match="missing entries"):
+        load_model(_rewrite(path, tmp_path / "nostate.pt", state_dict=None))
+
+    payload = torch.load(path, weights_only=True)
+    state = dict(payload["state_dict"])
+    state.pop(next(iter(state)))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(_rewrite(path, tmp_path / "missing_key.pt", state_dict=state))
+    config = dict(payload["flow_config"], vector_field=dict(payload["flow_config"]["vector_field"], hidden=8))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(_rewrite(path, tmp_path / "shape.pt", flow_config=config))
+    config = dict(payload["flow_config"], vector_field=dict(payload["flow_config"]["vector_field"], width=3))
+    with pytest.raises(CheckpointError, match="invalid flow configuration"):
+        load_model(_rewrite(path, tmp_path / "kwarg.pt", flow_config=config))
+    state = {k: (v.clone().fill_(float("nan")) if v.is_floating_point() else v) for k, v in payload["state_dict"].items()}
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_model(_rewrite(path, tmp_path / "nan.pt", state_dict=state))
+
+
+def test_stored_format_matches_the_contract(saved):
+    _, path, _ = saved
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"format", "format_version", "encoding_version", "flow_config", "state_dict", "metadata"}
+    assert payload["format"] == "openmm_tbg.checkpoint" and payload["format_version"] == 1
+    assert payload["encoding_version"] == ENCODING_VERSION
+    assert payload["metadata"] == {"steps": 10, "losses": [1.0, 0.5], "note": None}
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path):
+    flow = make_flow()
+    with pytest.raises(TypeError, match=r"metadata\['arr'\] is of type ndarray"):
+        save_model(flow, tmp_path / "m.pt", metadata={"arr": np.zeros(3)})
+
+    class NoConfig(torch.nn.Module):
+        def forward(self, t, x, tokens, mask=None):
+            return x - x.mean(1, keepdim=True)
+
+    with pytest.raises(TypeError, match="no `config`"):
+        save_model(TransferableFlow(NoConfig()), tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
