@@ -143,13 +143,13 @@ def resolve_model(model, device) -> tuple["TransferableFlow", Optional[str], Opt
         from .checkpoint import load_model
 
         flow = load_model(None if model is None else os.fspath(model), device=str(device))
-        path = os.fspath(model) if model is not None else getattr(flow, "checkpoint_path", None)
-        if path is None:
-            from . import checkpoint
-
-            path = getattr(checkpoint, "DEFAULT_MODEL_PATH", None)
-        path = None if path is None else os.path.abspath(os.fspath(path))
-        sha = file_sha256(path) if path is not None and os.path.exists(path) else None
+        # load_model records where the weights came from; TBGMove stores that to reload them.
+        path = getattr(flow, "checkpoint_path", None)
+        if path is None and model is not None:
+            path = os.path.abspath(os.fspath(model))
+        sha = getattr(flow, "checkpoint_sha256", None)
+        if sha is None and path is not None and os.path.exists(path):
+            sha = file_sha256(path)
         return flow, path, sha
     raise TypeError(f"model must be None (the shipped pretrained model), a checkpoint path or a TransferableFlow, "
                     f"got {type(model).__name__}.")

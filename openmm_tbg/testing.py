@@ -13,7 +13,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_orthogonal", "interchangeable_permutation", "assert_equivariant"]
+__all__ = ["random_orthogonal", "interchangeable_permutation", "assert_equivariant", "assert_detailed_balance",
+           "LinearVectorField", "harmonic_chain"]
 
 
 def random_orthogonal(generator: torch.Generator, reflection: bool, dtype=torch.float64) -> torch.Tensor:
@@ -147,3 +148,190 @@ def assert_equivariant(
                 f"interchangeable atoms): max |v(g x) - g v(x)| = {err:.3e} > atol = {atol:.3e}"
             )
         logger.debug("equivariance trial %d (%s): max error %.3e", trial, kind, err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exactly solvable toy problems for testing samplers and MCMC moves (appended by the sampler engineer).
+import numpy as np  # noqa: E402
+
+
+class LinearVectorField(torch.nn.Module):
+    """The closed-form vector field ``v(t, x) = rate * (x - mean(x))``.
+
+    Integrated from t = 0 to 1 it maps the mean-free isotropic Gaussian prior of standard deviation ``s`` onto a
+    mean-free isotropic Gaussian of standard deviation ``s * exp(rate)``, so the flow's density is known in
+    closed form. It has the `EGNNVectorField.forward` signature and ignores the tokens.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, t, x, tokens, mask=None):
+        if mask is None:
+            return self.rate * (x - x.mean(dim=1, keepdim=True))
+        m = mask.to(x.dtype).unsqueeze(-1)
+        mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
+        return self.rate * (x - mean) * m
+
+
+def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: float = 300.0):
+    """A chain of particles joined by harmonic springs of rest length 0: an exactly known Boltzmann density.
+
+    With ``U = sum_bonds k/2 |x_i - x_j|^2`` and a tree of bonds, the bond vectors are independent Gaussians
+    with variance ``sigma^2 = kT / k`` per Cartesian component, so e.g. ``|b|^2 / sigma^2`` is chi-square with
+    3 degrees of freedom for every bond.
+
+    Parameters
+    ----------
+    n_particles : int
+    sigma_nm : float
+        Standard deviation of each bond-vector component at ``temperature_K``, nm.
+    temperature_K : float
+
+    Returns
+    -------
+    system : openmm.System
+    topology : openmm.app.Topology
+        One residue "UNK" of carbon "atoms" C1..Cn bonded in a chain.
+    encoding : openmm_tbg.encoding.AtomEncoding
+        Every atom has its own atom-class token (no interchangeable atoms), no chiral centres.
+    """
+    import openmm
+    from openmm import app, unit
+
+    from .encoding import AtomEncoding
+
+    kT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin) * temperature_K
+    k = kT / sigma_nm**2
+    system = openmm.System()
+    bonds = openmm.HarmonicBondForce()
+    topology = app.Topology()
+    residue = topology.addResidue("UNK", topology.addChain("A"))
+    atoms = []
+    for i in range(n_particles):
+        system.addParticle(12.0)
+        atoms.append(topology.addAtom(f"C{i + 1}", app.element.carbon, residue))
+    for i in range(n_particles - 1):
+        bonds.addBond(i, i + 1, 0.0, k)
+        topology.addBond(atoms[i], atoms[i + 1])
+    system.addForce(bonds)
+    encoding = AtomEncoding(
+        residue_index=np.zeros(n_particles, dtype=np.int64), amino_acid=np.zeros(n_particles, dtype=np.int64),
+        atom_class=np.arange(n_particles, dtype=np.int64), atom_names=tuple(a.name for a in atoms),
+        residue_names=("UNK",) * n_particles, elements=("C",) * n_particles,
+        masses=np.full(n_particles, 12.0))
+    return system, topology, encoding
+
+
+def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_function, target_probabilities,
+                            n_steps: int = 2000, n_sigma: float = 5.0, context_cache=None) -> dict:
+    """Check that an MCMC move leaves a known distribution invariant, with detailed balance between bins.
+
+    The configuration space is cut into bins ``a = state_function(positions_nm)`` of known target probability
+    ``pi_a``. Starting from ``sampler_state`` (which should be a sample of the target, so that the chain is
+    stationary from the first step), the move is applied ``n_steps`` times and the bin of every state is
+    recorded. Two things are tested, each within ``n_sigma`` standard errors derived from the sample size and
+    the chain's statistical inefficiency (pymbar):
+
+    1. occupancy: the fraction of states in bin ``a`` matches ``pi_a``;
+    2. detailed balance: ``pi_a P(a->b) = pi_b P(b->a)`` for every pair of bins, with ``P(a->b)`` estimated from
+       the transition counts. A move that is reversible with respect to a *different* distribution, or that is
+       not reversible at all, fails.
+
+    Parameters
+    ----------
+    move : openmmtools.mcmc.MCMCMove
+    thermodynamic_state : openmmtools.states.ThermodynamicState
+    sampler_state : openmmtools.states.SamplerState
+        The starting state (copied; not modified).
+    state_function : callable
+        ``state_function(positions_nm: ndarray (n_atoms, 3)) -> int`` in ``range(len(target_probabilities))``.
+    target_probabilities : array_like
+        Exact target probability of each bin (sums to 1).
+    n_steps : int
+        Number of move applications.
+    n_sigma : float
+        Tolerance in standard errors.
+    context_cache : openmmtools.cache.ContextCache, optional
+        Default: a fresh cache.
+
+    Returns
+    -------
+    dict
+        ``bins`` (n_steps + 1,), ``counts`` (K, K) transition counts, ``occupancy`` (K,), ``occupancy_z`` (K,),
+        ``balance_z`` (K, K), ``statistical_inefficiency``.
+
+    Raises
+    ------
+    AssertionError
+        If the occupancy or the detailed-balance condition is off by more than ``n_sigma`` standard errors.
+    ValueError
+        For bad arguments (bin outside the range, probabilities not summing to 1).
+    """
+    import copy
+
+    from openmm import unit
+    from openmmtools import cache
+    from pymbar import timeseries
+
+    pi = np.asarray(target_probabilities, dtype=np.float64)
+    k = len(pi)
+    if k < 2 or np.any(pi <= 0) or abs(pi.sum() - 1.0) > 1e-8:
+        raise ValueError(f"target_probabilities must be >= 2 positive numbers summing to 1, got {pi}.")
+    if context_cache is None:
+        context_cache = cache.ContextCache()
+    state = copy.deepcopy(sampler_state)
+
+    def bin_of(s):
+        b = int(state_function(np.asarray(s.positions.value_in_unit(unit.nanometer))))
+        if not 0 <= b < k:
+            raise ValueError(f"state_function returned {b}, outside range({k}).")
+        return b
+
+    bins = [bin_of(state)]
+    for _ in range(int(n_steps)):
+        move.apply(thermodynamic_state, state, context_cache=context_cache)
+        bins.append(bin_of(state))
+    bins = np.asarray(bins)
+    n = len(bins)
+    indicators = (bins[:, None] == np.arange(k)[None, :]).astype(np.float64)
+    g = []
+    for a in range(k):
+        series = indicators[:, a]
+        g.append(timeseries.statistical_inefficiency(series) if 0 < series.sum() < n else float(n))
+    g = np.asarray(g)
+    occupancy = indicators.mean(axis=0)
+    occupancy_se = np.sqrt(pi * (1 - pi) * g / n)
+    occupancy_z = (occupancy - pi) / occupancy_se
+    counts = np.zeros((k, k))
+    np.add.at(counts, (bins[:-1], bins[1:]), 1.0)
+    visits = counts.sum(axis=1)
+    if np.any(visits == 0):
+        raise AssertionError(f"Bins {np.flatnonzero(visits == 0).tolist()} were never visited in {n_steps} "
+                             f"steps (target probabilities {pi.tolist()}): the move does not sample the target.")
+    p_hat = counts / visits[:, None]
+    # Transitions out of a bin are correlated through the chain: inflate by the largest inefficiency.
+    g_max = float(g.max())
+    var = pi[:, None] ** 2 * p_hat * (1 - p_hat) / visits[:, None]
+    flux = pi[:, None] * p_hat
+    balance_se = np.sqrt(g_max * (var + var.T))
+    balance_z = np.zeros((k, k))
+    nonzero = balance_se > 0
+    balance_z[nonzero] = (flux - flux.T)[nonzero] / balance_se[nonzero]
+    # Pairs never seen in either direction carry no information; a one-sided pair with zero variance is a
+    # violation only if its flux is clearly non-zero, which the occupancy test catches.
+    result = {"bins": bins, "counts": counts, "occupancy": occupancy, "occupancy_z": occupancy_z,
+              "balance_z": balance_z, "statistical_inefficiency": g}
+    problems = []
+    if np.any(np.abs(occupancy_z) > n_sigma):
+        problems.append(f"bin occupancy {np.round(occupancy, 4).tolist()} differs from the target "
+                        f"{np.round(pi, 4).tolist()} (z = {np.round(occupancy_z, 2).tolist()})")
+    if np.any(np.abs(balance_z) > n_sigma):
+        a, b = np.unravel_index(np.argmax(np.abs(balance_z)), balance_z.shape)
+        problems.append(f"detailed balance violated between bins {a} and {b}: pi_a P(a->b) = {flux[a, b]:.4g}, "
+                        f"pi_b P(b->a) = {flux[b, a]:.4g} (z = {balance_z[a, b]:.2f})")
+    if problems:
+        raise AssertionError(f"{type(move).__name__} over {n_steps} steps (statistical inefficiency "
+                             f"{np.round(g, 2).tolist()}): " + "; ".join(problems) + ".")
+    return result

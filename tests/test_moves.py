@@ -1,0 +1,193 @@
+"""Tests of openmm_tbg.moves.TBGMove with real openmmtools samplers on an exactly solvable system."""
+
+import copy
+
+import numpy as np
+import openmm
+import pytest
+import torch
+import yaml
+from openmm import unit
+from openmmtools import cache, mcmc, multistate, states, utils
+from pymbar import timeseries
+from scipy.stats import chi2
+
+from openmm_tbg.flow import TransferableFlow
+from openmm_tbg.moves import TBGMove
+from openmm_tbg.sampler import BoltzmannGeneratorSampler
+from openmm_tbg.testing import LinearVectorField, assert_detailed_balance, harmonic_chain
+
+SIGMA, FLOW_STD, T = 0.1, 0.11, 300.0
+
+
+@pytest.fixture(scope="module")
+def toy():
+    system, topology, encoding = harmonic_chain(3, SIGMA, T)
+    flow = TransferableFlow(LinearVectorField(np.log(FLOW_STD / 0.1)), length_scale=0.1, prior_std=1.0).double()
+    return system, topology, encoding, flow
+
+
+def exact_sample(rng, n_particles=3):
+    """An exact Boltzmann sample of the toy chain: independent Gaussian bond vectors."""
+    b = rng.normal(scale=SIGMA, size=(n_particles - 1, 3))
+    return np.concatenate([np.zeros((1, 3)), -np.cumsum(b, axis=0)])
+
+
+def f_bonds(x):
+    """|b1|^2 + |b2|^2 (nm^2): sigma^2 chi2(6) under the target."""
+    return float(np.sum((x[:-1] - x[1:]) ** 2))
+
+
+N_BINS = 4
+EDGES = chi2.ppf(np.arange(1, N_BINS) / N_BINS, df=6) * SIGMA ** 2  # equal-probability bins of f
+
+
+def bin_of(x):
+    return int(np.searchsorted(EDGES, f_bonds(x)))
+
+
+def make_move(toy, seed, **kwargs):
+    system, topology, encoding, flow = toy
+    return TBGMove(flow, topology, encoding, seed=seed, check_bonds=False, buffer_size=256, **kwargs)
+
+
+def test_tbg_move_satisfies_detailed_balance(toy):
+    system = toy[0]
+    move = make_move(toy, seed=1)
+    thermo = states.ThermodynamicState(system, T * unit.kelvin)
+    start = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
+    result = assert_detailed_balance(move, thermo, start, bin_of, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
+    stats = move.statistics
+    assert stats["n_proposed"] == 2000 and 0.1 < move.acceptance_rate < 0.9
+    assert stats["n_log_prob_evaluations"] == 1  # afterwards log q of the state is always known
+    assert result["counts"].sum() == 2000
+
+
+class AlwaysAcceptFlowMove(mcmc.MCMCMove):
+    """A wrong move (no Metropolis test): its chain samples the flow's distribution, not Boltzmann's."""
+
+    def __init__(self, flow, seed):
+        super().__init__()
+        self.flow, self.generator, self.buffer = flow, torch.Generator().manual_seed(seed), []
+
+    def apply(self, thermodynamic_state, sampler_state, context_cache=None):
+        if not self.buffer:
+            x, _ = self.flow.sample(np.zeros((3, 3), dtype=np.int64), 200, generator=self.generator)
+            self.buffer = list(x.numpy())
+        sampler_state.positions = self.buffer.pop() * unit.nanometer
+
+
+def test_detailed_balance_check_detects_a_wrong_move(toy):
+    system, _, _, flow = toy
+    thermo = states.ThermodynamicState(system, T * unit.kelvin)
+    start = states.SamplerState(exact_sample(np.random.default_rng(1)) * unit.nanometer)
+    with pytest.raises(AssertionError, match="occupancy|detailed balance"):
+        assert_detailed_balance(AlwaysAcceptFlowMove(flow, 0), thermo, start, bin_of,
+                                np.full(N_BINS, 1.0 / N_BINS), n_steps=600)
+
+
+def test_hybrid_langevin_and_tbg_move_in_mcmc_sampler(toy):
+    system = toy[0]
+    thermo = states.ThermodynamicState(system, T * unit.kelvin)
+    start = states.SamplerState(exact_sample(np.random.default_rng(2)) * unit.nanometer)
+    tbg = make_move(toy, seed=3)
+    langevin = mcmc.LangevinDynamicsMove(timestep=2.0 * unit.femtosecond, collision_rate=5.0 / unit.picosecond,
+                                         n_steps=20, reassign_velocities=True)
+    sampler = mcmc.MCMCSampler(thermo, start, mcmc.SequenceMove([langevin, tbg]))
+    context_cache = cache.ContextCache()
+    values = []
+    for _ in range(300):
+        sampler.run(1, context_cache=context_cache)
+        values.append(f_bonds(np.asarray(sampler.sampler_state.positions.value_in_unit(unit.nanometer))))
+    values = np.asarray(values)
+    g = timeseries.statistical_inefficiency(values)
+    assert abs(values.mean() - 6 * SIGMA ** 2) < 5 * np.sqrt(12 * SIGMA ** 4 * g / len(values))
+    stats = tbg.statistics
+    assert stats["n_proposed"] == 300 and stats["n_accepted"] > 0
+    # Langevin moves the state between proposals, so log q of the state must be recomputed each time.
+    assert stats["n_log_prob_evaluations"] > 250
+    tbg.reset_statistics()
+    assert tbg.statistics["n_proposed"] == 0
+
+
+def test_refuses_npt_periodic_and_constrained_states(toy):
+    system, topology, encoding, flow = toy
+    move = make_move(toy, seed=4)
+    sampler_state = states.SamplerState(exact_sample(np.random.default_rng(3)) * unit.nanometer)
+    constrained = copy.deepcopy(system)
+    constrained.addConstraint(0, 1, 0.1)
+    with pytest.raises(ValueError, match="constraints"):
+        move.apply(states.ThermodynamicState(constrained, T * unit.kelvin), sampler_state, cache.ContextCache())
+    periodic = copy.deepcopy(system)
+    nb = openmm.NonbondedForce()
+    nb.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
+    for _ in range(3):
+        nb.addParticle(0.0, 0.3, 0.0)
+    periodic.addForce(nb)
+    periodic.setDefaultPeriodicBoxVectors(*(np.eye(3) * 3.0))
+    with pytest.raises(ValueError, match="periodic"):
+        move.apply(states.ThermodynamicState(periodic, T * unit.kelvin), sampler_state, cache.ContextCache())
+    with pytest.raises(ValueError, match="constant pressure"):
+        move.apply(states.ThermodynamicState(periodic, T * unit.kelvin, pressure=1.0 * unit.atmosphere),
+                   sampler_state, cache.ContextCache())
+
+
+def test_deepcopy_shares_model_with_own_rng_and_in_memory_model_cannot_be_stored(toy):
+    move = make_move(toy, seed=5)
+    twin = copy.deepcopy(move)
+    assert twin.flow is move.flow
+    a = move.flow.sample(move.tokens, 3, generator=move._torch_generator)[0]
+    b = twin.flow.sample(twin.tokens, 3, generator=twin._torch_generator)[0]
+    assert not torch.allclose(a, b)
+    assert twin._rng.random() != move._rng.random()
+    with pytest.raises(ValueError, match="only in memory.*save_model"):
+        utils.serialize(move)
+
+
+@pytest.fixture(scope="module")
+def saved_egnn_toy(toy, tmp_path_factory):
+    """A tiny untrained EGNN saved as a checkpoint (a file is what MultiStateReporter can store)."""
+    from openmm_tbg.checkpoint import save_model
+    from openmm_tbg.nn.egnn import EGNNVectorField
+
+    torch.manual_seed(0)  # weight initialisation only
+    flow = TransferableFlow(EGNNVectorField(n_layers=2, hidden=16), length_scale=0.1)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(flow, path)
+    return path
+
+
+def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp_path):
+    system, topology, encoding, _ = toy
+    bg = BoltzmannGeneratorSampler(system, topology, saved_egnn_toy, temperature=T, encoding=encoding,
+                                   check_bonds=False, ode_method="euler", step_size=0.5, platform="Reference")
+    move = TBGMove(bg, n_attempts=2, buffer_size=8, seed=6)
+    state = yaml.safe_load(yaml.safe_dump(utils.serialize(move)))  # YAML-safe: plain types only
+    assert state["model_sha256"] == bg.model_sha256
+    thermo = [states.ThermodynamicState(system, t * unit.kelvin) for t in (T, 400.0)]
+    start = states.SamplerState(exact_sample(np.random.default_rng(4)) * unit.nanometer)
+    storage = str(tmp_path / "re.nc")
+    reporter = multistate.MultiStateReporter(storage, checkpoint_interval=1)
+    repex = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=2)
+    repex.create(thermodynamic_states=thermo, sampler_states=[start], storage=reporter)
+    repex.run()
+    n_before = [m.statistics["n_proposed"] for m in repex._mcmc_moves]
+    assert n_before == [4, 4]
+    reporter.close()
+
+    restored = multistate.ReplicaExchangeSampler.from_storage(multistate.MultiStateReporter(storage))
+    moves = restored._mcmc_moves
+    assert all(isinstance(m, TBGMove) for m in moves)
+    assert [m.statistics["n_proposed"] for m in moves] == n_before
+    assert moves[0].flow is moves[1].flow  # restored copies share one model
+    restored.extend(1)
+    assert restored.iteration == 3
+    assert [m.statistics["n_proposed"] for m in restored._mcmc_moves] == [6, 6]
+    restored._reporter.close()
+
+    # A changed checkpoint is refused when the move is restored.
+    serialized = utils.serialize(moves[0])
+    with open(saved_egnn_toy, "ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        utils.deserialize(serialized)
