@@ -45,9 +45,9 @@ DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 
-# Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode; bounds the
-# memory of the batched backward to a few hundred MB in float32.
-_EXACT_CHUNK_ELEMENTS = 2**26
+# Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode (used on CUDA):
+# each vmapped intermediate gradient then stays below ~1 GB in float32; several are alive at once.
+_EXACT_CHUNK_ELEMENTS = 2**28
 
 
 def _hidden_width(vector_field: nn.Module) -> int:
