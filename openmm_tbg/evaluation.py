@@ -596,7 +596,9 @@ def plot_ramachandran(md, bg_raw, bg_weights, path, bins: int = 60, title: Optio
             h, _, _ = np.histogram2d(data[:, 0], data[:, 1], bins=[edges, edges], weights=weights, density=True)
             h = np.where(h > 0, h, np.nan)
             if np.isfinite(h).any():
-                im = ax.pcolormesh(edges, edges, h.T, norm=LogNorm(vmin=np.nanmin(h), vmax=np.nanmax(h)),
+                # Four decades of colour: a few tiny-weight samples must not wash out the scale.
+                vmax = np.nanmax(h)
+                im = ax.pcolormesh(edges, edges, h.T, norm=LogNorm(vmin=max(np.nanmin(h), 1e-4 * vmax), vmax=vmax),
                                    cmap="viridis", shading="flat")
                 fig.colorbar(im, ax=ax, label="density (rad$^{-2}$)")
         else:
@@ -1046,6 +1048,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torus-samples", type=int, default=TORUS_W2_MAX_SAMPLES,
                         help=f"subsample size per side for torus-W2 (default {TORUS_W2_MAX_SAMPLES})")
     parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
+    parser.add_argument("--ode-method", default="dopri5",
+                        help="torchdiffeq method (default dopri5, as TBG); fixed-step ones need --step-size")
+    parser.add_argument("--step-size", type=float, default=None, help="step of fixed-step ODE methods (0-1]")
+    parser.add_argument("--atol", type=float, default=1e-4, help="adaptive ODE absolute tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="adaptive ODE relative tolerance (default 1e-4)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -1058,6 +1065,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
                        md_energy_frames=args.md_energy_frames, torus_samples=args.torus_samples,
                        temperature=args.temperature, progress=not args.no_progress,
+                       sampler_options={"ode_method": args.ode_method, "step_size": args.step_size,
+                                        "atol": args.atol, "rtol": args.rtol},
                        command_line="openmm-tbg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print((Path(args.out) / "results.md").read_text())
     return 0 if results else 1
