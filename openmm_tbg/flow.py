@@ -23,6 +23,15 @@ J restricted to the mean-free subspace, which is the divergence that enters the 
 * ``"hutchinson"``: the unbiased stochastic trace estimator eps^T J eps (opt-in). Its noise makes log_q, and
   hence importance weights exp(-u - log_q), noisy; by Jensen's inequality noisy log weights bias ESS and
   reweighted averages. Use it only for exploration, never for reported estimates.
+
+Where the divergence is evaluated
+---------------------------------
+By default (``quadrature_nodes=None``, TBG's way) the divergence is integrated by the ODE solver together with x,
+so the expensive exact trace is computed at every solver stage. With ``quadrature_nodes=K`` the solver
+integrates x alone (forward passes only, same tolerances) and reports x(t_k) at the K Gauss-Legendre nodes
+t_k of [0, 1]; the exact trace is then evaluated only there and ``int div dt ~ sum_k w_k div(x(t_k), t_k)``.
+The trace along a smooth trajectory is a smooth function of t, so the quadrature converges fast in K; the
+error against a tight reference is measured by ``benchmarks/sampling_speed.py``.
 """
 
 from __future__ import annotations
@@ -136,6 +145,25 @@ def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor)
     return (g * noise).reshape(v.shape[0], -1).sum(1)
 
 
+class _PositionDynamics:
+    """ODE right-hand side on x alone (no divergence), for the quadrature path."""
+
+    def __init__(self, vector_field: nn.Module, tokens: torch.Tensor):
+        self.vector_field = vector_field
+        self.tokens = tokens
+        self.nfe = 0
+
+    def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.vector_field(t, x, self.tokens)
+
+
+def gauss_legendre(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of degree ``2 n_nodes - 1``)."""
+    nodes, weights = np.polynomial.legendre.leggauss(int(n_nodes))
+    return 0.5 * (nodes + 1.0), 0.5 * weights
+
+
 class _AugmentedDynamics:
     """ODE right-hand side on the augmented state (x, l) with dl/dt = -div v."""
 
@@ -148,9 +176,8 @@ class _AugmentedDynamics:
         self.chunk_size = chunk_size
         self.nfe = 0
 
-    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        x, _ = state
-        self.nfe += 1
+    def divergence_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vector field and its divergence (by the configured mode) at one time."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             v = self.vector_field(t, x, self.tokens)
@@ -160,7 +187,13 @@ class _AugmentedDynamics:
                 div = divergence_exact_loop(v, x)
             else:
                 div = divergence_hutchinson(v, x, self.noise)
-        return v.detach(), -div.detach()
+        return v.detach(), div.detach()
+
+    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        x, _ = state
+        self.nfe += 1
+        v, div = self.divergence_at(t, x)
+        return v, -div
 
 
 class TransferableFlow(nn.Module):
@@ -297,6 +330,17 @@ class TransferableFlow(nn.Module):
         return tokens
 
     @staticmethod
+    def _check_quadrature(quadrature_nodes: int | None) -> int | None:
+        if quadrature_nodes is None:
+            return None
+        if isinstance(quadrature_nodes, bool) or int(quadrature_nodes) != quadrature_nodes or quadrature_nodes < 1:
+            raise ValueError(
+                f"TransferableFlow: quadrature_nodes must be None (divergence integrated by the solver) or a "
+                f"positive integer number of Gauss-Legendre nodes, e.g. 16; got {quadrature_nodes!r}."
+            )
+        return int(quadrature_nodes)
+
+    @staticmethod
     def _check_solver(method: str, atol: float, rtol: float, step_size: float | None, divergence: str):
         if divergence not in DIVERGENCE_MODES:
             raise ValueError(f"TransferableFlow: unknown divergence {divergence!r}; choose one of {DIVERGENCE_MODES}.")
@@ -327,7 +371,9 @@ class TransferableFlow(nn.Module):
 
     def _integrate(self, x0: torch.Tensor, tokens: torch.Tensor, t0: float, t1: float, method: str,
                    atol: float, rtol: float, options: dict, divergence: str,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   generator: torch.Generator | None,
+                   quadrature_nodes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Integrate from t0 to t1; returns (x(t1), -int_{t0}^{t1} div dt, function evaluations)."""
         from torchdiffeq import odeint
 
         noise = None
@@ -337,11 +383,25 @@ class TransferableFlow(nn.Module):
             noise = noise - noise.mean(1, keepdim=True)  # mean-free: the estimator probes the subspace only
         func = _AugmentedDynamics(self.vector_field, tokens, divergence, noise,
                                   self._chunk_size(x0.shape[0], x0.shape[1]))
-        l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-        times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
+        if quadrature_nodes is None:
+            l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+            times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
+            with torch.no_grad():
+                xs, ls = odeint(func, (x0, l0), times, method=method, atol=atol, rtol=rtol,
+                                options=options or None)
+            return xs[-1], ls[-1], func.nfe
+        # Quadrature path: x alone through the solver, the exact trace only at the Gauss-Legendre nodes.
+        nodes, weights = gauss_legendre(quadrature_nodes)
+        node_times = t0 + (t1 - t0) * nodes  # increasing along the direction of integration
+        times = torch.tensor([t0, *node_times.tolist(), t1], dtype=x0.dtype, device=x0.device)
+        positions = _PositionDynamics(self.vector_field, tokens)
         with torch.no_grad():
-            xs, ls = odeint(func, (x0, l0), times, method=method, atol=atol, rtol=rtol, options=options or None)
-        return xs[-1], ls[-1], func.nfe
+            xs = odeint(positions, x0, times, method=method, atol=atol, rtol=rtol, options=options or None)
+        integral = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        for k in range(len(nodes)):
+            _, div = func.divergence_at(times[k + 1], xs[k + 1])
+            integral = integral + float(weights[k]) * div.double()
+        return xs[-1], -(t1 - t0) * integral, positions.nfe + len(nodes)
 
     @staticmethod
     def _generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -367,6 +427,7 @@ class TransferableFlow(nn.Module):
         rtol: float = 1e-4,
         step_size: float | None = None,
         divergence: str = "exact",
+        quadrature_nodes: int | None = None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw configurations and their exact log density.
@@ -392,6 +453,10 @@ class TransferableFlow(nn.Module):
             Time step of fixed-step methods (1 / number of steps).
         divergence : str
             ``"exact"`` (default), ``"exact-loop"`` or ``"hutchinson"`` (biased weights; opt-in).
+        quadrature_nodes : int, optional
+            None (default): the divergence is integrated by the solver at every stage (TBG). K: the solver
+            integrates positions only and the divergence is evaluated at K Gauss-Legendre nodes in t (much
+            cheaper; see the module notes and ``benchmarks/sampling_speed.py`` for its accuracy).
         progress : bool
             Show a tqdm bar over batches.
 
@@ -409,6 +474,7 @@ class TransferableFlow(nn.Module):
             raise ValueError(f"TransferableFlow.sample: n must be a positive integer, got {n!r}.")
         n = int(n)
         options = self._check_solver(method, atol, rtol, step_size, divergence)
+        quadrature_nodes = self._check_quadrature(quadrature_nodes)
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"TransferableFlow.sample: batch_size must be positive, got {batch_size}.")
@@ -424,13 +490,15 @@ class TransferableFlow(nn.Module):
         for b in tqdm(range(n_batches), disable=not progress, desc="flow samples", unit="batch"):
             m = min(batch_size, n - b * batch_size)
             z = self.sample_prior(m, n_atoms, generator)
-            x1, l1, k = self._integrate(z, tokens, 0.0, 1.0, method, atol, rtol, options, divergence, generator)
+            x1, l1, k = self._integrate(z, tokens, 0.0, 1.0, method, atol, rtol, options, divergence, generator,
+                                        quadrature_nodes)
             log_q = self.prior_log_prob(z) + l1.double() - log_scale
             x1 = x1 - x1.mean(1, keepdim=True)
             xs.append((x1 * self.length_scale).cpu())
             lqs.append(log_q.cpu())
             nfe.append(k)
-        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence}
+        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence,
+                           "quadrature_nodes": quadrature_nodes}
         logger.debug("sampled %d configurations of %d atoms; function evaluations per batch %s", n, n_atoms, nfe)
         return torch.cat(xs), torch.cat(lqs)
 
@@ -445,6 +513,7 @@ class TransferableFlow(nn.Module):
         rtol: float = 1e-4,
         step_size: float | None = None,
         divergence: str = "exact",
+        quadrature_nodes: int | None = None,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
@@ -456,7 +525,7 @@ class TransferableFlow(nn.Module):
             ``(n, n_atoms, 3)`` positions in nm; centred (plain mean) before evaluation.
         tokens : array-like or AtomEncoding
             ``(n_atoms, 3)`` integer tokens.
-        batch_size, method, atol, rtol, step_size, divergence, progress
+        batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes, progress
             As in :meth:`sample`.
         generator : torch.Generator or int, optional
             RNG for the Hutchinson noise (ignored by the exact modes).
@@ -471,6 +540,7 @@ class TransferableFlow(nn.Module):
         tokens = self._as_tokens(tokens)
         x = self._as_positions(x_nm, tokens.shape[0])
         options = self._check_solver(method, atol, rtol, step_size, divergence)
+        quadrature_nodes = self._check_quadrature(quadrature_nodes)
         n = x.shape[0]
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
@@ -488,10 +558,12 @@ class TransferableFlow(nn.Module):
             x1 = x[b * batch_size:(b + 1) * batch_size].to(self.device)
             x1 = x1 - x1.mean(1, keepdim=True)
             x1 = x1 / self.length_scale
-            z, l0, k = self._integrate(x1, tokens, 1.0, 0.0, method, atol, rtol, options, divergence, generator)
+            z, l0, k = self._integrate(x1, tokens, 1.0, 0.0, method, atol, rtol, options, divergence, generator,
+                                       quadrature_nodes)
             out.append((self.prior_log_prob(z) - l0.double() - log_scale).cpu())
             nfe.append(k)
-        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence}
+        self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence,
+                           "quadrature_nodes": quadrature_nodes}
         return torch.cat(out)
 
     def _as_positions(self, x_nm: Any, n_atoms: int) -> torch.Tensor:
