@@ -11,3 +11,15 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 def fixture_dir() -> Path:
     """Directory with small data-set fixtures (AA, AC, GP, HT, NY: XY.pdb + XY.npz, splits.json)."""
     return DATA_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """One torch thread: the tests' tiny models are dominated by per-op overhead, and two OpenMP threads on a
+    loaded 2-core machine were measured up to 500x slower per small matmul."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
