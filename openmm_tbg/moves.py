@@ -24,7 +24,7 @@ import openmm
 from openmm import unit
 from openmmtools import mcmc
 
-from .sampler import BoltzmannGeneratorSampler, check_system, file_sha256, resolve_model, _resolve_device
+from .sampler import DEFAULT_QUADRATURE_NODES, BoltzmannGeneratorSampler, check_system, file_sha256, resolve_model, _resolve_device
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class TBGMove(mcmc.MCMCMove):
         Seeds the flow's prior and the acceptance test; None draws fresh entropy.
     device : str
         Torch device for a model given by path (``"auto"``: CUDA when available).
-    ode_method, atol, rtol, step_size, divergence
+    ode_method, atol, rtol, step_size, divergence, quadrature_nodes
         Integration options (ignored when a sampler is given: its options are used).
     check_bonds, check_chirality, bond_factor
         Validity options (ignored when a sampler is given).
@@ -98,8 +98,8 @@ class TBGMove(mcmc.MCMCMove):
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
                  buffer_size: int = 64, seed: Optional[int] = None, device="auto", ode_method: str = "dopri5",
                  atol: float = 1e-4, rtol: float = 1e-4, step_size: Optional[float] = None,
-                 divergence: str = "exact", check_bonds: bool = True, check_chirality: bool = True,
-                 bond_factor: float = 1.3):
+                 divergence: str = "exact", quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES,
+                 check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3):
         super().__init__()
         from .encoding import encode_topology
 
@@ -123,7 +123,7 @@ class TBGMove(mcmc.MCMCMove):
             flow, path, sha = resolve_model(sampler_or_model, _resolve_device(device))
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
             ode = {"method": ode_method, "atol": float(atol), "rtol": float(rtol), "step_size": step_size,
-                   "divergence": divergence}
+                   "divergence": divergence, "quadrature_nodes": quadrature_nodes}
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                         "bond_factor": float(bond_factor)}
         seed_seq = np.random.SeedSequence(seed)

@@ -26,6 +26,11 @@ from openmm import unit
 from .energy import ReducedPotential, to_kelvin
 from .validity import REJECTION_REASONS, ValidityChecker
 
+#: Default Gauss-Legendre node count of the exact-divergence quadrature used by the sampler and TBGMove
+#: (``None``: the divergence is integrated at every solver stage, as in TBG). Chosen from the accuracy
+#: measured by ``benchmarks/sampling_speed.py`` (docs/performance.md).
+DEFAULT_QUADRATURE_NODES: Optional[int] = None
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BoltzmannGeneratorSampler", "SampleResult", "check_system", "kish_ess", "configure_parser",
@@ -388,6 +393,9 @@ class BoltzmannGeneratorSampler:
         used as the reference of the validity checks.
     ode_method, atol, rtol, step_size, divergence
         Integration options of `TransferableFlow.sample` (TBG: dopri5, atol = rtol = 1e-4, exact divergence).
+    quadrature_nodes : int or None
+        Exact divergence at this many Gauss-Legendre nodes in t instead of at every solver stage (fast path,
+        see `TransferableFlow.sample`); None integrates it with the solver (TBG's way).
     platform, n_workers
         OpenMM platform and energy workers (see `ReducedPotential`).
     check_bonds, check_chirality : bool
@@ -406,7 +414,8 @@ class BoltzmannGeneratorSampler:
     def __init__(self, system: openmm.System, topology, model=None, temperature=310 * unit.kelvin,
                  device="auto", batch_size: int = 256, seed: Optional[int] = None, encoding=None, *,
                  positions=None, ode_method: str = "dopri5", atol: float = 1e-4, rtol: float = 1e-4,
-                 step_size: Optional[float] = None, divergence: str = "exact", platform=None,
+                 step_size: Optional[float] = None, divergence: str = "exact",
+                 quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES, platform=None,
                  n_workers: Optional[int] = None, check_bonds: bool = True, check_chirality: bool = True,
                  bond_factor: float = 1.3):
         import torch
@@ -439,7 +448,8 @@ class BoltzmannGeneratorSampler:
         self.flow.eval()
         self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
         self.ode_options = {"method": ode_method, "atol": float(atol), "rtol": float(rtol),
-                            "step_size": step_size, "divergence": divergence}
+                            "step_size": step_size, "divergence": divergence,
+                            "quadrature_nodes": quadrature_nodes}
         self.validity_options = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                                  "bond_factor": float(bond_factor)}
         self.checker = ValidityChecker(topology, encoding, reference_positions=positions, **self.validity_options)
@@ -630,6 +640,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="samples.npz", help="SampleResult .npz (default samples.npz)")
     parser.add_argument("--resample", type=int, default=0,
                         help="also write this many reweighted frames to OUTPUT with .pdb/.dcd suffixes")
+    add_ode_arguments(parser)
+
+
+def add_ode_arguments(parser: argparse.ArgumentParser) -> None:
+    """ODE options of the flow shared by the ``sample`` and ``evaluate`` commands."""
+    group = parser.add_argument_group("flow integration")
+    group.add_argument("--ode-method", default="dopri5", help="torchdiffeq method (default dopri5)")
+    group.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    group.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    group.add_argument("--step-size", type=float, default=None, help="step of fixed-step methods")
+    group.add_argument("--quadrature-nodes", type=int, default=DEFAULT_QUADRATURE_NODES or 0,
+                       help="exact divergence at K Gauss-Legendre nodes; 0 = at every solver stage "
+                            f"(default {DEFAULT_QUADRATURE_NODES or 0})")
+
+
+def ode_kwargs(args: argparse.Namespace) -> dict:
+    """`BoltzmannGeneratorSampler` keyword arguments from :func:`add_ode_arguments` options."""
+    return {"ode_method": args.ode_method, "atol": args.atol, "rtol": args.rtol, "step_size": args.step_size,
+            "quadrature_nodes": args.quadrature_nodes or None}
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -646,7 +675,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
         system, topology, positions = create_system(pdb.topology), pdb.topology, pdb.positions
     sampler = BoltzmannGeneratorSampler(system, topology, model=args.model, temperature=args.temperature,
                                         device=args.device, batch_size=args.batch_size, seed=args.seed,
-                                        positions=positions)
+                                        positions=positions, **ode_kwargs(args))
     result = sampler.sample(args.samples, method=args.method)
     result.save(args.output)
     print(result.summary())
