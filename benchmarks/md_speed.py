@@ -130,14 +130,15 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}; openmm {openmm.__version__}; "
           f"date {datetime.datetime.now().isoformat(timespec='seconds')}")
     print()
-    head = "| copies | atoms | threads | ns/day per molecule | ns/day total | wall s | CPU s | ps per CPU-s (total) |"
+    head = ("| copies | atoms | threads | ns/day per molecule | ns/day total | wall s | CPU s "
+            "| ps per CPU-s (total) |")
     if tau_med:
         head += f" indep. samples per CPU-s (tau {tau_med:.0f} ps) |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        line = (f"| {r['copies']} | {r['atoms']} | {r['threads']} | {r['ns_per_day']:.1f} | {r['ns_per_day_total']:.1f} "
-                f"| {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['ps_per_cpu_s_total']:.4f} |")
+        line = (f"| {r['copies']} | {r['atoms']} | {r['threads']} | {r['ns_per_day']:.1f} "
+                f"| {r['ns_per_day_total']:.1f} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['ps_per_cpu_s_total']:.4f} |")
         if tau_med:
             r["independent_per_cpu_s"] = r["ps_per_cpu_s_total"] / (2 * tau_med)
             line += f" {r['independent_per_cpu_s']:.2e} |"
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
         print(f"## MD integrated autocorrelation time, slowest of sin/cos(phi, psi), split {args.split!r} "
               f"(all runs pooled per frame interval; tau = T / (2 n_indep))")
         print()
-        print("| peptide | runs | simulated ns | tau_int ps (pooled) | per-run median / max ps | slowest | indep. samples |")
+        print("| peptide | runs | simulated ns | tau_int ps (pooled) | per-run median / max ps | slowest "
+              "| indep. samples |")
         print("|---|---|---|---|---|---|---|")
         for t in taus:
             print(f"| {t['name']} | {t['n_runs']} | {t['total_time_ps'] / 1000:.1f} | {t['tau_int_ps']:.0f} | "

@@ -896,7 +896,8 @@ def write_results_markdown(results: list[dict], path, *, header: Optional[dict] 
     lines += ["", "Energies in kT (reduced potentials), angles in radians. ESS is the Kish effective sample size "
               "as a fraction of all proposals (rejected proposals count as weight 0). Torus-W2 is over all "
               "backbone phi/psi; *MD floor* is the torus-W2 between MD frames of even and odd runs at the BG's "
-              "sample size (what a perfect generator would get, given MD's own convergence). alpha-L = phi > 0 (%), MD error = "
+              "sample size (what a perfect generator would get, given MD's own convergence). alpha-L = phi > 0 "
+              "(%), MD error = "
               "between-run standard error, BG error from the ESS. *MD indep.* = simulated time / (2 tau_int) of "
               "the slowest backbone observable (sin/cos phi/psi).", ""]
     cols = ["peptide", "atoms", "valid %", "rejected", "ESS %", "E-W2 raw", "E-W2 rew.", "T-W2 raw", "T-W2 rew.",
@@ -917,6 +918,8 @@ def write_results_markdown(results: list[dict], path, *, header: Optional[dict] 
     if results:
         ess = np.array([r["ess"] for r in results])
         valid = np.array([r["valid_fraction"] for r in results])
+        md_indep = [r["md_autocorrelation"]["n_independent"] for r in results]
+        md_taus = [r["md_autocorrelation"]["tau_int_ps"] for r in results]
         lines += ["", "## Summary", "",
                   f"- Peptides: {len(results)}; samples per peptide: "
                   f"{', '.join(sorted({str(r['n_samples']) for r in results}))}.",
@@ -926,9 +929,8 @@ def write_results_markdown(results: list[dict], path, *, header: Optional[dict] 
                   f"- Valid samples: mean {100 * valid.mean():.1f} %, min {100 * valid.min():.1f} %.",
                   f"- BG effective samples per second (ESS x samples / wall s): median "
                   f"{np.median([r['effective_samples_per_s'] for r in results]):.3g}; MD independent samples "
-                  f"in the reference data: median {np.median([r['md_autocorrelation']['n_independent'] for r in results]):.0f} "
-                  f"per peptide (tau_int median "
-                  f"{np.median([r['md_autocorrelation']['tau_int_ps'] for r in results]):.0f} ps).",
+                  f"in the reference data: median {np.median(md_indep):.0f} per peptide (tau_int median "
+                  f"{np.median(md_taus):.0f} ps).",
                   ]
         for key, label in (("energy_w2_reweighted", "Energy-W2 reweighted (kT)"),
                            ("torus_w2_reweighted", "Torus-W2 reweighted (rad)")):
@@ -1053,12 +1055,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torus-samples", type=int, default=TORUS_W2_MAX_SAMPLES,
                         help=f"subsample size per side for torus-W2 (default {TORUS_W2_MAX_SAMPLES})")
     parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
-    parser.add_argument("--ode-method", default="dopri5",
-                        help="torchdiffeq method (default dopri5, as TBG); fixed-step ones need --step-size")
-    parser.add_argument("--step-size", type=float, default=None, help="step of fixed-step ODE methods (0-1]")
-    parser.add_argument("--atol", type=float, default=1e-4, help="adaptive ODE absolute tolerance (default 1e-4)")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="adaptive ODE relative tolerance (default 1e-4)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from .sampler import add_ode_arguments
+
+    add_ode_arguments(parser)  # --ode-method, --atol, --rtol, --step-size, --quadrature-nodes (as `sample`)
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -1066,12 +1066,13 @@ def run_from_cli(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    from .sampler import ode_kwargs
+
     results = evaluate(args.model, args.data, split=args.split, n_samples=args.samples, peptides=args.peptides,
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
                        md_energy_frames=args.md_energy_frames, torus_samples=args.torus_samples,
                        temperature=args.temperature, progress=not args.no_progress,
-                       sampler_options={"ode_method": args.ode_method, "step_size": args.step_size,
-                                        "atol": args.atol, "rtol": args.rtol},
+                       sampler_options=ode_kwargs(args),
                        command_line=" ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]))
     print((Path(args.out) / "results.md").read_text())
     return 0 if results else 1

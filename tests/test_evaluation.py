@@ -13,15 +13,6 @@ from openmm_tbg import evaluation as ev
 from openmm_tbg.data import load_peptide
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Two cores are shared by several processes: more torch threads only oversubscribe them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------- Kish ESS
 def test_kish_ess_exact_values():
     assert ev.kish_ess(np.zeros(4)) == pytest.approx(1.0)
@@ -262,7 +253,7 @@ class GaussianAroundReference(torch.nn.Module):
         return ref + (self.sigma - 1.0) / (1.0 - (1.0 - self.sigma) * t) * (x - t * ref)
 
 
-def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_path, one_torch_thread):
+def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_path):
     from openmm_tbg.flow import TransferableFlow
 
     traj = load_peptide(fixture_dir, "AA")
@@ -287,7 +278,7 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
         assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
 
 
-def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, one_torch_thread, capsys):
+def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     from openmm_tbg.checkpoint import save_model
     from openmm_tbg.cli import main
     from openmm_tbg.flow import TransferableFlow
