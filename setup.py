@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        "pot",  # optimal transport for the torus Wasserstein distance (evaluation)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["openmm-tbg = openmm_tbg.cli:main"]},
