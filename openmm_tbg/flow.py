@@ -57,6 +57,9 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_ad
 # Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode (used on CUDA):
 # each vmapped intermediate gradient then stays below ~1 GB in float32; several are alive at once.
 _EXACT_CHUNK_ELEMENTS = 2**28
+# Largest (B, N, N, H) edge tensor, in elements, when the quadrature nodes are stacked into one batch for the
+# divergence (~128 MB in float32; a few such tensors are alive during the backward passes).
+_NODE_BATCH_ELEMENTS = 2**25
 
 
 def _hidden_width(vector_field: nn.Module) -> int:
@@ -397,10 +400,22 @@ class TransferableFlow(nn.Module):
         positions = _PositionDynamics(self.vector_field, tokens)
         with torch.no_grad():
             xs = odeint(positions, x0, times, method=method, atol=atol, rtol=rtol, options=options or None)
-        integral = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-        for k in range(len(nodes)):
-            _, div = func.divergence_at(times[k + 1], xs[k + 1])
-            integral = integral + float(weights[k]) * div.double()
+        # The node states are independent, so their divergences are computed as one stacked batch (chunked
+        # by memory): one set of 3N backward passes serves several nodes instead of one each.
+        B, N = x0.shape[:2]
+        per_node = B * N * N * _hidden_width(self.vector_field)
+        nodes_per_chunk = max(1, _NODE_BATCH_ELEMENTS // max(1, per_node))
+        w = torch.as_tensor(weights, dtype=torch.float64, device=x0.device)
+        integral = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        for start in range(0, len(nodes), nodes_per_chunk):
+            stop = min(start + nodes_per_chunk, len(nodes))
+            k = stop - start
+            x_nodes = xs[start + 1:stop + 1].reshape(k * B, N, 3)
+            t_nodes = times[start + 1:stop + 1].repeat_interleave(B)
+            if noise is not None:
+                func.noise = noise.repeat(k, 1, 1)
+            _, div = func.divergence_at(t_nodes, x_nodes)
+            integral = integral + (w[start:stop, None] * div.double().reshape(k, B)).sum(0)
         return xs[-1], -(t1 - t0) * integral, positions.nfe + len(nodes)
 
     @staticmethod

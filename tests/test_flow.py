@@ -35,7 +35,9 @@ class LinearField(torch.nn.Module):
         self.a0, self.a1 = a0, a1
 
     def forward(self, t, x, tokens, mask=None):
-        return (self.a0 + self.a1 * t) * (x - x.mean(1, keepdim=True))
+        a = self.a0 + self.a1 * torch.as_tensor(t, dtype=x.dtype)
+        a = a.reshape(-1, 1, 1) if a.dim() == 1 else a  # t is a scalar or one time per sample
+        return a * (x - x.mean(1, keepdim=True))
 
 
 def make_tokens(n_atoms: int, generator: torch.Generator) -> torch.Tensor:
