@@ -11,7 +11,6 @@ resampled (unweighted) frames to a PDB and a DCD file.
 import argparse
 import logging
 
-import numpy as np
 from openmm import unit
 
 from openmm_tbg import BoltzmannGeneratorSampler, build_peptide

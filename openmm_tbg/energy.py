@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import openmm

@@ -20,7 +20,6 @@ import os
 from typing import Optional
 
 import numpy as np
-import openmm
 from openmm import unit
 from openmmtools import mcmc
 

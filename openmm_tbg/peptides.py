@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 from .encoding import ONE_TO_THREE
 

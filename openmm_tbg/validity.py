@@ -21,8 +21,8 @@ Everything is counted: rejections by reason, mirrored and relabelled samples.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import numpy as np
 

@@ -14,14 +14,6 @@ from openmm_tbg.flow import TransferableFlow
 from openmm_tbg.nn.egnn import EGNNVectorField
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_flow(dtype=torch.float32) -> TransferableFlow:
     torch.manual_seed(0)  # parameter init only
     field = EGNNVectorField(n_layers=2, hidden=16, max_residues=2, n_atom_classes=10)

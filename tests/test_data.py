@@ -7,11 +7,9 @@ import numpy as np
 import openmm
 import pytest
 from openmm import unit
-from openmm.app import PDBFile
 
 from openmm_tbg.data import (CHECKPOINT_NAME, DatasetError, PeptideTrajectory, build_separated_system,
                              load_dataset, load_peptide, read_splits, simulate)
-from openmm_tbg.encoding import encode_topology
 from openmm_tbg.peptides import create_system
 
 FIXTURES = ["AA", "AC", "GP", "HT", "NY"]

@@ -9,15 +9,6 @@ from openmm_tbg.testing import assert_equivariant, interchangeable_permutation
 N_CLASSES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: OpenMP synchronisation across busy cores costs more than it saves.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_field(dtype=torch.float64, seed=0, **kwargs) -> EGNNVectorField:
     torch.manual_seed(seed)  # parameter init only; data below use explicit generators
     kw = dict(n_layers=2, hidden=16, max_residues=2, n_amino_acids=20, n_atom_classes=N_CLASSES)

@@ -15,14 +15,6 @@ from openmm_tbg.nn.egnn import EGNNVectorField
 N_CLASSES = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class LinearField(torch.nn.Module):
     """v(t, x) = (a0 + a1 t) P x, P = centring projection: mean-free and translation invariant.
 

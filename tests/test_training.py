@@ -29,15 +29,6 @@ from openmm_tbg.training import (
 TINY = dict(n_layers=2, hidden=16, batch_size=8, warmup_steps=5, checkpoint_every=0, device="cpu", log_every=1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train_names(directory) -> list[str]:
     with open(os.path.join(directory, "splits.json")) as fh:
         return list(json.load(fh)["train"])

@@ -61,7 +61,7 @@ def test_broken_bond_graph_is_rejected(valine_peptide):
     far[atom_index(top, 0, "HA")] += [0.5, 0.0, 0.0]  # hydrogen torn off its carbon
     # Two atoms of different groups swapped: no within-group isomorphism exists.
     wrong = x.copy()
-    i, j = atom_index(top, 1, "CG1"), atom_index(top, 1, "CG2")
+    i = atom_index(top, 1, "CG1")
     k = atom_index(top, 0, "CB")
     wrong[[i, k]] = x[[k, i]]
     nan = x.copy()
