@@ -332,6 +332,21 @@ class TransferableFlow(nn.Module):
             check(tokens)
         return tokens
 
+    def _integration_options(self, caller: str, n: int, batch_size: int | None, method: str, atol: float,
+                             rtol: float, step_size: float | None, divergence: str,
+                             quadrature_nodes: int | None) -> tuple[dict, int | None, int]:
+        """Checked solver options, quadrature node count and batch size shared by sample and log_prob."""
+        options = self._check_solver(method, atol, rtol, step_size, divergence)
+        quadrature_nodes = self._check_quadrature(quadrature_nodes)
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"TransferableFlow.{caller}: batch_size must be positive, got {batch_size}.")
+        if divergence == "hutchinson":
+            warnings.warn(
+                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
+                "divergence for any reported estimate.", stacklevel=3)
+        return options, quadrature_nodes, batch_size
+
     @staticmethod
     def _check_quadrature(quadrature_nodes: int | None) -> int | None:
         if quadrature_nodes is None:
@@ -488,15 +503,8 @@ class TransferableFlow(nn.Module):
         if int(n) != n or n < 1:
             raise ValueError(f"TransferableFlow.sample: n must be a positive integer, got {n!r}.")
         n = int(n)
-        options = self._check_solver(method, atol, rtol, step_size, divergence)
-        quadrature_nodes = self._check_quadrature(quadrature_nodes)
-        batch_size = n if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"TransferableFlow.sample: batch_size must be positive, got {batch_size}.")
-        if divergence == "hutchinson":
-            warnings.warn(
-                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
-                "divergence for any reported estimate.", stacklevel=2)
+        options, quadrature_nodes, batch_size = self._integration_options(
+            "sample", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         generator = self._generator(generator)
         n_atoms = tokens.shape[0]
         log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
@@ -554,16 +562,10 @@ class TransferableFlow(nn.Module):
 
         tokens = self._as_tokens(tokens)
         x = self._as_positions(x_nm, tokens.shape[0])
-        options = self._check_solver(method, atol, rtol, step_size, divergence)
-        quadrature_nodes = self._check_quadrature(quadrature_nodes)
         n = x.shape[0]
-        batch_size = n if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"TransferableFlow.log_prob: batch_size must be positive, got {batch_size}.")
+        options, quadrature_nodes, batch_size = self._integration_options(
+            "log_prob", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         if divergence == "hutchinson":
-            warnings.warn(
-                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
-                "divergence for any reported estimate.", stacklevel=2)
             generator = self._generator(generator)
         n_atoms = tokens.shape[0]
         log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
