@@ -20,6 +20,8 @@ setup(
         "openmmtools",
         "mdtraj",
         "PeptideBuilder",
+        "biopython",  # imported directly by peptides.py (PeptideBuilder's own dependency)
+        "pymbar",  # statistical inefficiency in openmm_tbg.testing (openmmtools' own dependency)
         "tqdm",
         "matplotlib",
         "pyyaml",

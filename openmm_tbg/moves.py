@@ -219,6 +219,9 @@ class TBGMove(mcmc.MCMCMove):
         self._check_state(thermodynamic_state, context)
         sampler_state.apply_to_context(context, ignore_velocities=True)
         u_old = thermodynamic_state.reduced_potential(context)
+        if not np.isfinite(u_old):
+            raise ValueError(f"TBGMove: the current state's reduced potential is {u_old}, so no proposal could "
+                             "ever be accepted. Start from a finite-energy (e.g. minimized) structure.")
         x_old = np.array(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
         centre = x_old.mean(axis=0)
         accepted = False
