@@ -29,7 +29,7 @@ from .validity import REJECTION_REASONS, ValidityChecker
 #: Default Gauss-Legendre node count of the exact-divergence quadrature used by the sampler and TBGMove
 #: (``None``: the divergence is integrated at every solver stage, as in TBG). Chosen from the accuracy
 #: measured by ``benchmarks/sampling_speed.py`` (docs/performance.md).
-DEFAULT_QUADRATURE_NODES: Optional[int] = 8
+DEFAULT_QUADRATURE_NODES: Optional[int] = 16
 
 logger = logging.getLogger(__name__)
 
