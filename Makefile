@@ -11,4 +11,4 @@ test: install
 	$(PYTHON) -m pytest tests -q
 
 demo: install
-	$(PYTHON) examples/sample_dipeptide.py --samples 64
+	$(PYTHON) examples/sample_dipeptide.py --samples 32
