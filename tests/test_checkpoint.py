@@ -158,3 +158,17 @@ def test_save_refuses_what_it_cannot_store(tmp_path):
     with pytest.raises(TypeError, match="no `config`"):
         save_model(TransferableFlow(NoConfig()), tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_shipped_model_loads_offline_and_matches_its_card():
+    """The packaged model loads by default, is a transferable dipeptide model, and the card's sha256 is its own."""
+    import re
+    from pathlib import Path
+
+    from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+
+    flow = load_model()
+    assert flow.vector_field.config["max_residues"] == 2
+    card = (Path(DEFAULT_MODEL_PATH).parent / "MODEL_CARD.md").read_text()
+    shas = re.findall(r"\b[0-9a-f]{64}\b", card)
+    assert shas and shas[0] == flow.checkpoint_sha256
