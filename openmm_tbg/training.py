@@ -808,6 +808,7 @@ def train(
     until_step: int | None = None,
     progress: bool = True,
     command_line: str | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainingResult:
     """Train a transferable flow by conditional flow matching.
 
@@ -832,6 +833,12 @@ def train(
         Show a tqdm bar with the loss (rank 0 only).
     command_line : str, optional
         Recorded in the metadata; defaults to ``sys.argv``.
+    init_from : path, optional
+        A model file (:func:`openmm_tbg.checkpoint.load_model` format) whose weights start this run: to train
+        a shipped model further, or to fine-tune it on your own peptides. Its architecture, length scale and
+        prior replace those of ``config``; the optimiser, schedule and EMA start fresh. Ignored when
+        ``resume`` finds a resume file (that already holds the weights). The parent's sha256, steps and wall
+        time are recorded in the metadata.
 
     Returns
     -------
@@ -874,6 +881,14 @@ def train(
     elif resume:
         logger.info("No resume file %s; starting a new run.", rpath)
 
+    parent = state.get("init_from") if state is not None else None
+    init_state = None
+    if state is None and init_from is not None:
+        parent, init_state = _load_parent(init_from, config, trajectories)
+        if dist_info.is_main:
+            logger.info("Starting from %s (sha256 %s..., %s steps).", parent["path"], parent["sha256"][:12],
+                        parent["steps"])
+
     if config.length_scale is None:
         config.length_scale = estimate_length_scale(trajectories)
         if dist_info.is_main:
@@ -889,6 +904,8 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         flow = build_flow(config, config.length_scale, config.max_residues)
+    if init_state is not None:
+        flow.vector_field.load_state_dict(init_state)
     vector_field = flow.vector_field.to(device)
     optimizer = torch.optim.AdamW(vector_field.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
@@ -949,6 +966,7 @@ def train(
                 "config": config.to_dict(),
                 "ema_weights": ema is not None,
                 "command_line": command_line,
+                "init_from": parent,
             }
         }
         digest = save_model(saved_flow, out, metadata=metadata)
@@ -968,6 +986,7 @@ def train(
                 "losses": losses,
                 "wall_time_s": wall,
                 "model_sha256": digest,
+                "init_from": parent,
             },
             rpath,
         )
@@ -1037,6 +1056,44 @@ def train(
     )
 
 
+def _load_parent(path: str | os.PathLike, config: TrainingConfig,
+                 trajectories: Sequence[Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load the model that starts a run; adopt its architecture into ``config`` (in place).
+
+    Returns the parent's description for the metadata and its vector-field weights.
+    """
+    from openmm_tbg.checkpoint import load_model
+
+    path = os.fspath(path)
+    parent_flow = load_model(path)  # CheckpointError names a missing, corrupt or incompatible file
+    vf_config = getattr(parent_flow.vector_field, "config", None)
+    if not isinstance(vf_config, dict) or "n_layers" not in vf_config:
+        raise ValueError(f"{path} does not hold an EGNN vector field; only EGNN models can be trained further.")
+    needed = max(int(t.encoding.n_residues) for t in trajectories)
+    if needed > vf_config["max_residues"]:
+        raise ValueError(f"{path} encodes at most {vf_config['max_residues']} residues, but the training data "
+                         f"has peptides of {needed}; train a new model instead of starting from this one.")
+    adopted = {"n_layers": vf_config["n_layers"], "hidden": vf_config["hidden"],
+               "attention": vf_config["attention"], "max_residues": vf_config["max_residues"],
+               "length_scale": parent_flow.length_scale, "prior_std": parent_flow.prior_std}
+    changed = {k: (getattr(config, k), v) for k, v in adopted.items()
+               if getattr(config, k) is not None and getattr(config, k) != v}
+    if changed:
+        logger.info("Adopting the architecture of %s: %s.", path,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    for k, v in adopted.items():
+        setattr(config, k, v)
+    training = (parent_flow.checkpoint_metadata or {}).get("training") or {}
+    parent = {
+        "path": parent_flow.checkpoint_path,
+        "sha256": parent_flow.checkpoint_sha256,
+        "steps": training.get("steps"),
+        "wall_time_s": training.get("wall_time_s"),
+        "init_from": training.get("init_from"),
+    }
+    return parent, {k: v.detach().clone() for k, v in parent_flow.vector_field.state_dict().items()}
+
+
 def _flow_for_saving(flow: torch.nn.Module, vector_field: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
     """A CPU copy of the flow carrying the EMA weights when enabled (the training copy is left untouched)."""
     saved = copy.deepcopy(flow).cpu()
@@ -1067,6 +1124,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="train only on these peptides (within --split)")
     parser.add_argument("--out", required=True, help="model file to write (the resume file is <out>.resume.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if it exists")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="start from this model's weights (train a shipped model further, or fine-tune it on "
+                             "your peptides); its architecture and length scale are kept, the optimiser starts fresh")
     parser.add_argument("--stride", type=int, default=1, help="use every K-th frame (default: 1)")
     parser.add_argument("--max-frames", type=int, default=None, help="at most M frames per peptide")
     parser.add_argument("--until-step", type=int, default=None,
@@ -1118,8 +1178,14 @@ def run_from_cli(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     trajectories = load_training_data(args.data, split=split, names=args.peptides, stride=args.stride,
                                       max_frames=args.max_frames, progress=progress and main_rank)
+    if args.init_from is not None:
+        clash = [opt for opt, arg in (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
+                 if getattr(args, arg, None) is not None]
+        if clash:
+            raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
+                             "fixes the architecture and length scale; drop them.")
     result = train(trajectories, args.out, config, data_dir=args.data, resume=args.resume,
-                   until_step=args.until_step, progress=progress)
+                   until_step=args.until_step, progress=progress, init_from=args.init_from)
     if result.model_path is not None:
         tail = result.losses[-min(100, len(result.losses)):]
         print(f"Wrote {result.model_path} (sha256 {result.sha256}) after {result.step} steps, "

@@ -249,6 +249,33 @@ def test_resume_continues_exactly(tmp_path, train_trajectories):
                        resume=True, progress=False)
 
 
+def test_init_from_continues_a_saved_model(tmp_path, train_trajectories):
+    from openmm_tbg.checkpoint import CheckpointError, load_model
+
+    parent = training.train(train_trajectories, tmp_path / "parent.pt", TrainingConfig(steps=3, **TINY),
+                            progress=False)
+    # The child asks for another width; the parent's architecture and length scale win. With a vanishing
+    # learning rate its one step leaves the parent's weights in place.
+    child_cfg = TrainingConfig(**{**TINY, "hidden": 8, "steps": 1, "lr": 1e-12, "warmup_steps": 0,
+                                  "length_scale": 0.5})
+    child = training.train(train_trajectories, tmp_path / "child.pt", child_cfg, progress=False,
+                           init_from=tmp_path / "parent.pt")
+    assert child.config.hidden == 16 and child.config.length_scale == pytest.approx(parent.flow.length_scale)
+    for key, value in parent.flow.state_dict().items():
+        torch.testing.assert_close(child.flow.state_dict()[key], value, rtol=0, atol=1e-9)
+    meta = load_model(tmp_path / "child.pt").checkpoint_metadata["training"]["init_from"]
+    assert meta["sha256"] == parent.sha256 and meta["steps"] == 3
+    # A resumed child keeps the record of its parent.
+    longer = TrainingConfig(**{**child.config.to_dict(), "steps": 2})
+    resumed = training.train(train_trajectories, tmp_path / "child.pt", longer, resume=True, progress=False)
+    assert resumed.step == 2
+    assert load_model(tmp_path / "child.pt").checkpoint_metadata["training"]["init_from"]["sha256"] == parent.sha256
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        training.train(train_trajectories, tmp_path / "x.pt", child_cfg, progress=False, init_from=broken)
+
+
 def test_cli_train(fixture_dir, tmp_path):
     from openmm_tbg.checkpoint import load_model
 
