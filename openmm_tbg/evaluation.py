@@ -1037,13 +1037,90 @@ def evaluate(model, data_dir, split: Optional[str] = "test", n_samples: int = 10
     return results
 
 
+def merge_results(part_dirs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike] = "docs", *,
+                  order: Optional[Sequence[str]] = None, command_line: Optional[str] = None) -> list[dict]:
+    """Merge evaluations run separately (one process or machine per peptide) into one report.
+
+    Parameters
+    ----------
+    part_dirs : sequence of path
+        Output directories of :func:`evaluate` (each holds ``results.json`` and ``figures/``).
+    out_dir : path
+        Where the merged ``results.md``, ``results.json`` and ``figures/`` go; figure links are rewritten.
+    order : sequence of str, optional
+        Peptide order of the table (e.g. the split's order); others follow alphabetically.
+    command_line : str, optional
+        Recorded in the header as the merge command.
+
+    Returns
+    -------
+    list of dict
+        The merged per-peptide results.
+
+    Raises
+    ------
+    FileNotFoundError
+        A part directory has no ``results.json``.
+    ValueError
+        The parts evaluated different models, or one peptide appears twice.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    results, headers, seen = [], [], {}
+    for part in part_dirs:
+        path = Path(part) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: pass directories written by `openmm-tbg evaluate --out`.")
+        with open(path) as fh:
+            payload = json.load(fh)
+        headers.append(payload.get("header", {}))
+        for r in payload["results"]:
+            if r["name"] in seen:
+                raise ValueError(f"Peptide {r['name']} is in both {seen[r['name']]} and {part}; merge each once.")
+            seen[r["name"]] = str(part)
+            figures = {}
+            for kind, fig in r.get("figures", {}).items():
+                src = Path(fig) if Path(fig).is_absolute() else Path(part) / "figures" / Path(fig).name
+                dst = fig_dir / src.name
+                if src.resolve() != dst.resolve():
+                    shutil.copyfile(src, dst)
+                figures[kind] = str(dst)
+            r["figures"] = figures
+            results.append(r)
+    shas = sorted({r.get("model_sha256") for r in results})
+    if len(shas) > 1:
+        raise ValueError(f"The parts evaluated different models (sha256 {', '.join(str(x)[:12] for x in shas)}); "
+                         "merge evaluations of one model only.")
+    rank = {name: i for i, name in enumerate(order or [])}
+    results.sort(key=lambda r: (rank.get(r["name"], len(rank)), r["name"]))
+    header = dict(headers[0]) if headers else {}
+    header["data"] = header.get("data", "").split(", peptides")[0].split(", split")[0] + \
+        f", {len(results)} peptides: {', '.join(r['name'] for r in results)}"
+    header["date"] = ", ".join(sorted({h.get("date", "?")[:10] for h in headers}))
+    commands = sorted({h.get("command", "") for h in headers if h.get("command")})
+    if commands:
+        header["command"] = f"{len(headers)} runs of " + commands[0] + (" (and variants)" if len(commands) > 1 else "")
+    if command_line:
+        header["merged with"] = f"`{command_line}`"
+    write_results_markdown(results, out_dir / "results.md", header=header)
+    with open(out_dir / "results.json", "w") as fh:
+        json.dump({"header": header, "results": results}, fh, indent=1, default=float)
+    return results
+
+
 # --------------------------------------------------------------------------------------------------------------
 # `openmm-tbg evaluate`
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``openmm-tbg evaluate``."""
     parser.add_argument("--model", default="default", help="checkpoint path, or 'default' for the shipped model")
-    parser.add_argument("--data", required=True, help="data-set directory (XY.pdb, XY.npz, splits.json)")
+    parser.add_argument("--data", default=None, help="data-set directory (XY.pdb, XY.npz, splits.json)")
     parser.add_argument("--split", default="test", help="split of splits.json (default: test)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="merge the --out directories of separate runs into --out (table in the split order "
+                             "of --data, when given) instead of evaluating")
     parser.add_argument("--peptides", nargs="+", default=None, help="explicit peptide names (overrides --split)")
     parser.add_argument("--samples", type=int, default=1000, help="flow samples per peptide (default 1000)")
     parser.add_argument("--out", default="docs", help="output directory for results.md and figures/ (default docs)")
@@ -1068,11 +1145,23 @@ def run_from_cli(args: argparse.Namespace) -> int:
 
     from .sampler import ode_kwargs
 
+    command_line = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+    if args.merge:
+        order = None
+        if args.data is not None:
+            from .data import read_splits
+
+            order = read_splits(args.data).get(args.split)
+        results = merge_results(args.merge, args.out, order=order, command_line=command_line)
+        print((Path(args.out) / "results.md").read_text())
+        return 0 if results else 1
+    if args.data is None:
+        raise SystemExit("openmm-tbg evaluate: --data is required (the data-set directory with XY.pdb, XY.npz and "
+                         "splits.json), unless --merge is given.")
     results = evaluate(args.model, args.data, split=args.split, n_samples=args.samples, peptides=args.peptides,
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
                        md_energy_frames=args.md_energy_frames, torus_samples=args.torus_samples,
                        temperature=args.temperature, progress=not args.no_progress,
-                       sampler_options=ode_kwargs(args),
-                       command_line=" ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]))
+                       sampler_options=ode_kwargs(args), command_line=command_line)
     print((Path(args.out) / "results.md").read_text())
     return 0 if results else 1

@@ -301,3 +301,17 @@ def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     # Every proposal is either valid or counted under a rejection reason.
     assert res["n_valid"] + sum(res["rejections"].values()) == 6
     assert "results.md" not in capsys.readouterr().err
+
+    # Peptides evaluated in separate runs merge into one report whose figure links resolve.
+    out2 = tmp_path / "part2"
+    assert main(["evaluate", "--model", str(model), "--data", str(fixture_dir), "--peptides", "GP", "--samples",
+                 "4", "--out", str(out2), "--ode-method", "euler", "--step-size", "0.5", "--torus-samples", "50",
+                 "--no-progress"]) == 0
+    merged = tmp_path / "merged"
+    assert main(["evaluate", "--merge", str(out2), str(out), "--out", str(merged)]) == 0
+    text = (merged / "results.md").read_text()
+    assert text.index("| AA |") < text.index("| GP |")
+    for link in ("figures/AA_ramachandran.png", "figures/GP_energy.png"):
+        assert f"]({link})" in text and (merged / link).stat().st_size > 1000
+    with pytest.raises(ValueError, match="both"):
+        main(["evaluate", "--merge", str(out), str(out), "--out", str(tmp_path / "twice")])
