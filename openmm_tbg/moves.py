@@ -111,6 +111,8 @@ class TBGMove(mcmc.MCMCMove):
             bonds = s.checker.bonds
             ode = dict(s.ode_options)
             validity = dict(s.validity_options)
+            if len(s.checker.centers):  # the sampler's reference chirality, which the bonds alone do not carry
+                validity["expected_signs"] = [int(v) for v in s.checker.expected_signs]
         else:
             if topology is None and encoding is None:
                 raise ValueError("TBGMove needs the peptide's topology when given a model instead of a "

@@ -118,11 +118,22 @@ class ValidityChecker:
     @classmethod
     def from_bonds(cls, bonds: Iterable[tuple[int, int]], encoding, reference_positions=None, **kwargs
                    ) -> "ValidityChecker":
-        """Build a checker from a list of bonded atom-index pairs instead of a Topology."""
+        """Build a checker from a list of bonded atom-index pairs instead of a Topology.
+
+        ``expected_signs`` (one +1/-1 per chiral centre) may replace the reference chirality, e.g. to copy
+        another checker's.
+        """
         self = cls.__new__(cls)
         self._setup([(int(i), int(j)) for i, j in bonds], encoding, reference_positions,
                     kwargs.pop("bond_factor", 1.3), kwargs.pop("check_bonds", True),
                     kwargs.pop("check_chirality", True), kwargs.pop("centers", None))
+        signs = kwargs.pop("expected_signs", None)
+        if signs is not None:
+            signs = np.asarray(signs, dtype=np.float64).reshape(-1)
+            if signs.shape != self.expected_signs.shape or not np.all(np.abs(signs) == 1):
+                raise ValueError(f"expected_signs must hold one +1/-1 per chiral centre ({len(self.centers)}), got "
+                                 f"{signs.tolist()}.")
+            self.expected_signs = signs
         if kwargs:
             raise TypeError(f"Unexpected arguments {sorted(kwargs)}.")
         return self

@@ -191,3 +191,18 @@ def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp
         fh.write(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         utils.deserialize(serialized)
+
+
+def test_tbg_move_from_a_sampler_keeps_its_reference_chirality(saved_egnn_toy):
+    from openmm_tbg.peptides import build_peptide
+
+    pep = build_peptide("AA")
+    bg = BoltzmannGeneratorSampler(pep.system, pep.topology, saved_egnn_toy, temperature=T, platform="Reference")
+    assert len(bg.checker.centers) == 2 and np.all(bg.checker.expected_signs == 1)
+    # Stand-in for a reference that is not all-L (reachable with encoding=): the move must use the sampler's
+    # signs, not the default of the bare bond list, also after a YAML round trip.
+    bg.checker.expected_signs = np.array([1.0, -1.0])
+    move = TBGMove(bg, seed=0)
+    np.testing.assert_array_equal(move.checker.expected_signs, [1.0, -1.0])
+    restored = utils.deserialize(yaml.safe_load(yaml.safe_dump(utils.serialize(move))))
+    np.testing.assert_array_equal(restored.checker.expected_signs, [1.0, -1.0])
