@@ -180,7 +180,7 @@ class TBGMove(mcmc.MCMCMove):
                                     batch_size=self.buffer_size, progress=False, **self.ode_options)
         x = x.detach().double().cpu().numpy()
         log_q = log_q.detach().double().cpu().numpy()
-        report = self.checker(x)
+        report = self.checker(x, rng=self._rng)
         self._buffer = [(report.positions[i], float(log_q[i]), bool(report.valid[i]), bool(report.mirrored[i]),
                          bool(report.relabelled[i])) for i in range(len(x))][::-1]
 

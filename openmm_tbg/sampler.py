@@ -489,7 +489,7 @@ class BoltzmannGeneratorSampler:
                                             progress=False, **self.ode_options)
                 x = x.detach().double().cpu().numpy()
                 log_q = log_q.detach().double().cpu().numpy()
-                report = self.checker(x)
+                report = self.checker(x, rng=self._rng)
                 reasons = report.reasons.copy()
                 reasons[(reasons == "") & ~np.isfinite(log_q)] = "non_finite_log_q"
                 u = np.full(m, np.nan)

@@ -232,13 +232,68 @@ class ValidityChecker:
             perm[i] = j
         return perm
 
-    def __call__(self, positions_nm) -> ValidityReport:
+    def _automorphism_parts(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Twin classes and lifted class automorphisms of the topology's group-labelled bond graph (cached).
+
+        Twins are atoms of one group with the same bonded neighbours (methyl H's, carboxylate O's, ...); any
+        permutation within a twin class is an automorphism. The class automorphisms (e.g. swapping Val's two
+        methyl groups, flipping a Phe ring) are enumerated on the small quotient graph of classes, each lifted
+        to one atom permutation. Every automorphism is, uniquely, a lift followed by twin permutations.
+        """
+        if getattr(self, "_automorphisms", None) is not None:
+            return self._automorphisms
+        import networkx as nx
+        from networkx.algorithms import isomorphism
+
+        neighbours = [frozenset(np.flatnonzero(row).tolist()) for row in self.adjacency]
+        classes: dict[tuple, list[int]] = {}
+        for i in range(self.n_atoms):
+            classes.setdefault((int(self.groups[i]), neighbours[i]), []).append(i)
+        members = [np.array(sorted(v), dtype=np.int64) for v in classes.values()]
+        class_of = np.empty(self.n_atoms, dtype=np.int64)
+        for c, atoms in enumerate(members):
+            class_of[atoms] = c
+        quotient = nx.Graph()
+        for c, atoms in enumerate(members):
+            quotient.add_node(c, label=(int(self.groups[atoms[0]]), len(atoms)))
+        for i, j in self.bonds:
+            quotient.add_edge(int(class_of[i]), int(class_of[j]))
+        matcher = isomorphism.GraphMatcher(quotient, quotient,
+                                           node_match=isomorphism.categorical_node_match("label", None))
+        lifts = []
+        for mapping in matcher.isomorphisms_iter():
+            lift = np.arange(self.n_atoms, dtype=np.int64)
+            for c, d in mapping.items():
+                lift[members[c]] = members[d]
+            lifts.append(lift)
+            if len(lifts) > 100_000:
+                raise RuntimeError("The bond graph has more than 100000 class automorphisms; this checker is "
+                                   "meant for peptides. Pass check_bonds=False for such systems.")
+        self._automorphisms = ([m for m in members if len(m) > 1], lifts)
+        return self._automorphisms
+
+    def random_automorphism(self, rng: np.random.Generator) -> np.ndarray:
+        """A uniformly random permutation ``a`` of atoms with ``adjacency[a][:, a] == adjacency`` that maps
+        each atom into its own group (use as ``x[a]``)."""
+        twins, lifts = self._automorphism_parts()
+        a = lifts[int(rng.integers(len(lifts)))].copy()
+        for atoms in twins:
+            a[atoms] = a[atoms][rng.permutation(len(atoms))]
+        return a
+
+    def __call__(self, positions_nm, rng: Optional[np.random.Generator] = None) -> ValidityReport:
         """Check samples; return them relabelled/mirrored with a validity mask and reasons.
 
         Parameters
         ----------
         positions_nm : array_like or Quantity, shape (n, n_atoms, 3) or (n_atoms, 3)
             Samples in nm.
+        rng : numpy.random.Generator, optional
+            Draws the relabelling of samples whose bond graph matches only up to a permutation: one of all
+            valid relabellings, uniformly (composed with a random automorphism of the topology). The flow and
+            the target are symmetric under these automorphisms, so label-dependent observables stay unbiased.
+            Without it the relabelling is the first one found (deterministic, fine for symmetric observables
+            such as energies).
 
         Returns
         -------
@@ -269,6 +324,8 @@ class ValidityChecker:
                 if perm is None:
                     reasons[i] = "bond_graph"
                 else:
+                    if rng is not None:
+                        perm = perm[self.random_automorphism(rng)]
                     x[i] = x[i][perm]
                     perms[i] = perm
                     relabelled[i] = True

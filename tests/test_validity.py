@@ -54,6 +54,41 @@ def test_swapped_interchangeable_atoms_are_relabelled_to_the_right_energy(valine
     assert checker.statistics["relabelled"] == 1
 
 
+def test_relabelling_draws_uniformly_among_all_valid_relabellings(valine_peptide):
+    import math
+
+    pep, enc, x = valine_peptide
+    top = pep.topology
+    checker = ValidityChecker(top, enc)
+    twins, lifts = checker._automorphism_parts()
+    # Ala-Val: the H's of NH3+, of Ala's methyl and of Val's two methyls permute freely (CG1 and CG2 are
+    # different tokens, O and OXT too): 3!^4 = 1296 automorphisms.
+    assert len(lifts) * math.prod(math.factorial(len(t)) for t in twins) == 1296
+    rng = np.random.default_rng(0)
+    cg1_h = [atom_index(top, 1, f"HG1{j}") for j in (1, 2, 3)]
+    n = 6000
+    lands = []
+    for _ in range(n):
+        a = checker.random_automorphism(rng)
+        assert np.array_equal(checker.adjacency[a][:, a], checker.adjacency)
+        assert np.array_equal(enc.groups[a], enc.groups)
+        lands.append(a[cg1_h[0]])
+    # Uniform: HG11's label takes each H of CG1 with p = 1/3 (5 sigma).
+    counts = np.array([lands.count(h) for h in cg1_h])
+    assert counts.sum() == n and np.all(np.abs(counts / n - 1 / 3) < 5 * math.sqrt(2 / 9 / n))
+    # The checker composes each relabelling with such a draw; every draw still gives the right molecule.
+    h1, h2 = atom_index(top, 1, "HG11"), atom_index(top, 1, "HG21")
+    swapped = x.copy()
+    swapped[[h1, h2]] = x[[h2, h1]]
+    seen = set()
+    for _ in range(30):
+        report = checker(swapped, rng=rng)
+        assert report.valid[0] and report.relabelled[0]
+        np.testing.assert_array_equal(checker.bond_graph(report.positions)[0], checker.adjacency)
+        seen.add(int(report.permutations[0][h1]))
+    assert seen == {h2, cg1_h[1], cg1_h[2]}  # the sample atoms bonded to CG1
+
+
 def test_broken_bond_graph_is_rejected(valine_peptide):
     pep, enc, x = valine_peptide
     top = pep.topology
