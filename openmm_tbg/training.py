@@ -1125,8 +1125,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model file to write (the resume file is <out>.resume.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if it exists")
     parser.add_argument("--init-from", default=None, metavar="MODEL",
-                        help="start from this model's weights (train a shipped model further, or fine-tune it on "
-                             "your peptides); its architecture and length scale are kept, the optimiser starts fresh")
+                        help="start from this model's weights ('default' = the shipped model): train it further, or "
+                             "fine-tune it on your own peptides; its architecture and length scale are kept, the "
+                             "optimiser starts fresh")
     parser.add_argument("--stride", type=int, default=1, help="use every K-th frame (default: 1)")
     parser.add_argument("--max-frames", type=int, default=None, help="at most M frames per peptide")
     parser.add_argument("--until-step", type=int, default=None,
@@ -1172,18 +1173,22 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def run_from_cli(args: argparse.Namespace) -> int:
     """Entry point of ``openmm-tbg train``; returns the process exit code."""
-    config = config_from_args(args)
-    progress = not args.no_progress
-    split = None if args.split in ("", "none", "all") else args.split
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    trajectories = load_training_data(args.data, split=split, names=args.peptides, stride=args.stride,
-                                      max_frames=args.max_frames, progress=progress and main_rank)
+    if args.init_from == "default":
+        from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+
+        args.init_from = str(DEFAULT_MODEL_PATH)
     if args.init_from is not None:
         clash = [opt for opt, arg in (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
                  if getattr(args, arg, None) is not None]
         if clash:
             raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
                              "fixes the architecture and length scale; drop them.")
+    config = config_from_args(args)
+    progress = not args.no_progress
+    split = None if args.split in ("", "none", "all") else args.split
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    trajectories = load_training_data(args.data, split=split, names=args.peptides, stride=args.stride,
+                                      max_frames=args.max_frames, progress=progress and main_rank)
     result = train(trajectories, args.out, config, data_dir=args.data, resume=args.resume,
                    until_step=args.until_step, progress=progress, init_from=args.init_from)
     if result.model_path is not None:

@@ -291,6 +291,20 @@ def test_cli_train(fixture_dir, tmp_path):
     assert meta["peptides"] == [name] and meta["config"]["coupling"] == "ot" and meta["steps"] == 3
     assert load_model(out).vector_field.config["hidden"] == 8
 
+    # Fine-tuning the shipped model: `--init-from default` keeps its architecture; size options are refused.
+    tuned = tmp_path / "tuned.pt"
+    args = parser.parse_args(["--data", str(fixture_dir), "--peptides", name, "--out", str(tuned), "--steps", "1",
+                              "--batch-size", "2", "--init-from", "default", "--device", "cpu", "--max-frames", "20",
+                              "--no-progress"])
+    assert training.run_from_cli(args) == 0
+    shipped = load_model(None)
+    assert load_model(tuned).vector_field.config == shipped.vector_field.config
+    assert load_model(tuned).checkpoint_metadata["training"]["init_from"]["sha256"] == shipped.checkpoint_sha256
+    args = parser.parse_args(["--data", str(fixture_dir), "--out", str(tuned), "--init-from", "default",
+                              "--hidden", "8"])
+    with pytest.raises(SystemExit, match="--hidden cannot be combined with --init-from"):
+        training.run_from_cli(args)
+
 
 # ------------------------------------------------------------------------------------------------ DDP
 def _ddp_worker(rank: int, world: int, port: int, data_dir: str, names: list[str], out_dir: str) -> None:
