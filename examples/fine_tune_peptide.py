@@ -1,0 +1,80 @@
+"""Fine-tune the shipped transferable model on short MD of your own peptide, and compare the two.
+
+1. ``openmm_tbg.data.simulate`` runs short MD of the peptide under the target Hamiltonian;
+2. ``openmm_tbg.training.train(..., init_from=<shipped model>)`` continues flow matching on those frames
+   (the architecture and length scale come from the shipped model; the optimiser starts fresh);
+3. the shipped and the fine-tuned model each draw the same number of proposals with exact importance weights,
+   and the script prints valid fraction, rejections and Kish ESS side by side.
+
+The default peptide, NT (Asn-Thr), is not in the project data set at all, so neither model has seen it
+before step 2. The same thing from the command line::
+
+    openmm-tbg simulate NT --out my_md --ns 1
+    openmm-tbg train --data my_md --split all --peptides NT --out nt.pt --init-from default --steps 300 --lr 1e-4
+
+Runs in about 15 minutes on one CPU core with the defaults:
+
+    python examples/fine_tune_peptide.py --sequence NT --ns 1 --steps 300 --samples 32
+"""
+
+import argparse
+import logging
+import os
+import time
+
+from openmm import unit
+
+from openmm_tbg import BoltzmannGeneratorSampler, build_peptide
+from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+from openmm_tbg.data import load_dataset, simulate
+from openmm_tbg.training import TrainingConfig, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequence", default="NT", help="one-letter dipeptide sequence (default NT)")
+    parser.add_argument("--work-dir", default="fine_tune_run", help="MD frames and the fine-tuned model go here")
+    parser.add_argument("--ns", type=float, default=1.0, help="MD length, ns (default 1; frames every 10 ps)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=32, help="proposals per model (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    md_dir = os.path.join(args.work_dir, "md")
+    start = time.perf_counter()
+    simulate([args.sequence], md_dir, ns=args.ns, seed=args.seed, progress=True)
+    md_seconds = time.perf_counter() - start
+
+    trajectories = load_dataset(md_dir, names=[args.sequence], progress=False)
+    tuned_path = os.path.join(args.work_dir, f"{args.sequence}_fine_tuned.pt")
+    config = TrainingConfig(steps=args.steps, lr=args.lr, warmup_steps=min(50, args.steps // 5),
+                            batch_size=args.batch_size, coupling="ot", ema_decay=0.99, seed=args.seed,
+                            checkpoint_every=0, device="auto")
+    start = time.perf_counter()
+    result = train(trajectories, tuned_path, config, data_dir=md_dir, init_from=DEFAULT_MODEL_PATH)
+    train_seconds = time.perf_counter() - start
+
+    peptide = build_peptide(args.sequence)
+    rows = []
+    for label, model in (("shipped", None), ("fine-tuned", tuned_path)):
+        sampler = BoltzmannGeneratorSampler(peptide.system, peptide.topology, model=model,
+                                            temperature=310 * unit.kelvin, seed=args.seed)
+        start = time.perf_counter()
+        sample = sampler.sample(args.samples, progress=True)
+        rows.append((label, sample, time.perf_counter() - start))
+
+    print(f"\n{args.sequence}: {trajectories[0].n_frames} MD frames ({md_seconds:.0f} s), "
+          f"{result.step} fine-tuning steps ({train_seconds:.0f} s), {args.samples} proposals per model")
+    print(f"{'model':>11} {'valid %':>8} {'ESS %':>7} {'seconds':>8}  rejections")
+    for label, sample, seconds in rows:
+        rejected = ", ".join(f"{k} {v}" for k, v in sample.rejections.items() if v) or "-"
+        print(f"{label:>11} {100 * sample.n_valid / sample.n_proposals:8.1f} {100 * sample.ess:7.2f} {seconds:8.0f}  "
+              f"{rejected}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
