@@ -1178,8 +1178,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
 
         args.init_from = str(DEFAULT_MODEL_PATH)
     if args.init_from is not None:
-        clash = [opt for opt, arg in (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
-                 if getattr(args, arg, None) is not None]
+        fixed = (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
+        clash = [opt for opt, arg in fixed if getattr(args, arg, None) is not None]
         if clash:
             raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
                              "fixes the architecture and length scale; drop them.")
