@@ -118,6 +118,69 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
     return digest
 
 
+_UPGRADABLE = ("tbg-full-v1",)
+
+
+def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Rewrite a ``tbg-full-v1`` checkpoint for the current atom encoding, without changing what it computes.
+
+    Encoding ``tbg-full-v2`` splits some v1 hydrogen classes by the heavy atom they sit on (see
+    :mod:`openmm_tbg.encoding`). Each new class gets a copy of the embedding row of the v1 class it came from, so
+    the upgraded model gives the same vector field, samples and likelihoods as the original on every peptide;
+    training it further (``init_from``) then lets the split classes differ.
+
+    Parameters
+    ----------
+    src : path
+        A model file written with encoding ``tbg-full-v1``.
+    dst : path
+        Output model file.
+
+    Returns
+    -------
+    str
+        sha256 of the written file.
+
+    Raises
+    ------
+    CheckpointError
+        ``src`` is not a readable openmm_tbg checkpoint of an upgradable encoding version.
+    """
+    from openmm_tbg.encoding import ATOM_NAME_CLASSES, ATOM_NAME_CLASSES_V1, ENCODING_VERSION, v1_class_of
+    from openmm_tbg.flow import TransferableFlow
+
+    src = Path(src)
+    try:
+        payload = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read {src} as an openmm_tbg checkpoint ({type(exc).__name__}); the file is "
+                              "corrupt or not a PyTorch weights file.") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{src} is not an openmm_tbg model checkpoint.")
+    version = payload.get("encoding_version")
+    if version == ENCODING_VERSION:
+        raise CheckpointError(f"{src} already uses encoding {ENCODING_VERSION!r}; there is nothing to upgrade.")
+    if version not in _UPGRADABLE:
+        raise CheckpointError(f"{src} uses encoding {version!r}; only {list(_UPGRADABLE)} can be upgraded.")
+    config = dict(payload["flow_config"])
+    vf = dict(config["vector_field"])
+    if vf.get("n_atom_classes") != len(ATOM_NAME_CLASSES_V1):
+        raise CheckpointError(f"{src}: {vf.get('n_atom_classes')} atom classes, expected the "
+                              f"{len(ATOM_NAME_CLASSES_V1)} of {version!r}.")
+    state = dict(payload["state_dict"])
+    key = "vector_field.embed_atom_class.weight"
+    old = state[key]
+    rows = [ATOM_NAME_CLASSES_V1.index(v1_class_of(c)) for c in ATOM_NAME_CLASSES]
+    state[key] = old[rows].clone()
+    vf["n_atom_classes"] = len(ATOM_NAME_CLASSES)
+    config["vector_field"] = vf
+    flow = TransferableFlow.from_config(config)
+    flow.load_state_dict(state, strict=True)
+    metadata = dict(payload.get("metadata") or {})
+    metadata["upgraded_from"] = {"path": str(src.resolve()), "sha256": _sha256(src), "encoding_version": version}
+    return save_model(flow, dst, metadata=metadata)
+
+
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """Load a flow from a checkpoint file.
 
@@ -180,10 +243,13 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         )
     encoding_version = payload.get("encoding_version")
     if encoding_version != ENCODING_VERSION:
+        hint = (f" Convert it with openmm_tbg.checkpoint.upgrade_model({str(path)!r}, 'upgraded.pt'), which keeps "
+                "its outputs exactly, then fine-tune it (`openmm-tbg train --init-from upgraded.pt`) so that it "
+                "learns the finer classes." if encoding_version in _UPGRADABLE else "")
         raise CheckpointError(
             f"{path} was trained with atom encoding {encoding_version!r}, but this openmm_tbg encodes atoms as "
             f"{ENCODING_VERSION!r}: the model's tokens would mean different atoms. Use the matching openmm_tbg "
-            "version or retrain the model."
+            "version or retrain the model." + hint
         )
     missing = [k for k in ("flow_config", "state_dict", "metadata") if k not in payload]
     if missing:

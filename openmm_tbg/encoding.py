@@ -6,6 +6,14 @@ encoding): digits are stripped from hydrogen names and from the carboxylate/amid
 the aromatic hydrogens of HIS, PHE, TRP and TYR, which keep their digits. Atoms with identical token rows are
 interchangeable for the flow (e.g. the three hydrogens of a methyl group).
 
+Version ``tbg-full-v2`` refines the hydrogen rule: a hydrogen's class names the heavy atom it is bonded to, so
+hydrogens on different heavy atoms are never interchangeable. Under the plain rule (``tbg-full-v1``) Thr's
+hydroxyl H (HG1, on OG1) and its methyl H's (HG21-23, on CG2) were all "HG", as were the H's of Val's, Leu's and
+Ile's two methyls and of Arg's two NH2 groups. An equivariant flow must then break that symmetry from the
+prior sample alone, and the v1 model trained here never learned to: every Thr, Val, Leu and Ile test dipeptide
+had 0 % valid samples. In v2 those hydrogens get the classes HG1 (Thr), HG1*, HG2*, HD1*, HD2*, HE2*, HH1*,
+HH2* (``*``: all H's on that heavy atom); every other class is unchanged.
+
 Only zwitterionic (NH3+ ... COO-) linear peptides of standard L-amino acids in one chain are supported. Anything
 else raises :class:`UnsupportedTopologyError` with a message that names the offending residue or atom.
 """
@@ -21,7 +29,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-ENCODING_VERSION = "tbg-full-v1"
+ENCODING_VERSION = "tbg-full-v2"
 
 #: The 20 standard amino acids (three-letter codes); the index is the amino-acid token.
 AMINO_ACIDS: tuple[str, ...] = (
@@ -89,8 +97,8 @@ class UnsupportedTopologyError(ValueError):
     """The topology (or its coordinates) is not something the transferable flow can handle."""
 
 
-def atom_name_class(amino_acid: str, atom_name: str) -> str:
-    """Atom-name class of one atom under the TBG "full" rule.
+def atom_name_class_v1(amino_acid: str, atom_name: str) -> str:
+    """Atom-name class of one atom under the plain TBG "full" rule (encoding ``tbg-full-v1``).
 
     Parameters
     ----------
@@ -115,6 +123,42 @@ def atom_name_class(amino_acid: str, atom_name: str) -> str:
     return atom_name
 
 
+def _heavy_suffixes(aa: str) -> tuple[str, ...]:
+    """Name suffixes (name without the element letter) of a residue's heavy atoms, longest first."""
+    variants = HISTIDINE_VARIANTS if aa == "HIS" else (aa,)
+    names = {n for v in variants for n in list(_BACKBONE) + list(_SIDE_CHAINS[v]) if not n.startswith("H")}
+    return tuple(sorted({n[1:] for n in names}, key=len, reverse=True))
+
+
+def atom_name_class(amino_acid: str, atom_name: str) -> str:
+    """Atom-name class of one atom (encoding ``tbg-full-v2``).
+
+    Parameters
+    ----------
+    amino_acid : str
+        Three-letter code of the residue (HIS variants may be given as HIS, HID, HIE or HIP).
+    atom_name : str
+        Atom name as in the topology (amber/PDB names, e.g. ``"HB2"``, ``"OD1"``).
+
+    Returns
+    -------
+    str
+        As :func:`atom_name_class_v1`, except for a hydrogen whose heavy atom has a digit in its name: its class
+        is ``"H" + <heavy atom suffix>``, with ``*`` appended when several hydrogens share that heavy atom (Thr
+        HG1 -> ``HG1``; Val HG21 -> ``HG2*``; Leu HD11 -> ``HD1*``; Arg HH12 -> ``HH1*``). Hydrogens on
+        different heavy atoms thus never share a class.
+    """
+    aa = _RESIDUE_ALIASES.get(amino_acid, amino_acid)
+    plain = atom_name_class_v1(amino_acid, atom_name)
+    if not atom_name.startswith("H") or plain == atom_name or aa not in _RESIDUE_ALIASES.values():
+        return plain
+    rest = atom_name[1:]
+    parent = next((sfx for sfx in _heavy_suffixes(aa) if rest.startswith(sfx)), "")
+    if not re.search(r"\d", parent):
+        return plain  # e.g. HB2 on CB -> HB: unchanged
+    return "H" + parent + ("" if rest == parent else "*")
+
+
 def _residue_atom_names(variant: str, n_terminal: bool, c_terminal: bool) -> tuple[str, ...]:
     """Expected atom names of a residue variant at a given chain position (amber names, N-terminal H/H2/H3)."""
     names = list(_BACKBONE) + list(_SIDE_CHAINS[variant])
@@ -130,19 +174,29 @@ def _residue_atom_names(variant: str, n_terminal: bool, c_terminal: bool) -> tup
     return tuple(names)
 
 
-def _build_atom_name_classes() -> tuple[str, ...]:
+def _build_atom_name_classes(rule=None) -> tuple[str, ...]:
+    rule = atom_name_class if rule is None else rule
     classes = set()
     for variant in _SIDE_CHAINS:
         for n_term in (False, True):
             for c_term in (False, True):
                 for name in _residue_atom_names(variant, n_term, c_term):
-                    classes.add(atom_name_class(variant, name))
+                    classes.add(rule(variant, name))
     return tuple(sorted(classes))
 
 
 #: All atom-name classes (sorted); the index is the atom-class token.
 ATOM_NAME_CLASSES: tuple[str, ...] = _build_atom_name_classes()
 _CLASS_INDEX = {c: i for i, c in enumerate(ATOM_NAME_CLASSES)}
+#: The atom-name classes of encoding ``tbg-full-v1`` (for upgrading old checkpoints).
+ATOM_NAME_CLASSES_V1: tuple[str, ...] = _build_atom_name_classes(atom_name_class_v1)
+
+
+def v1_class_of(atom_class: str) -> str:
+    """The ``tbg-full-v1`` class that a ``tbg-full-v2`` class was split from (itself if unchanged)."""
+    if atom_class in ATOM_NAME_CLASSES_V1:
+        return atom_class
+    return re.sub(r"[\d*]", "", atom_class)
 _AA_INDEX = {aa: i for i, aa in enumerate(AMINO_ACIDS)}
 
 

@@ -1090,6 +1090,7 @@ def _load_parent(path: str | os.PathLike, config: TrainingConfig,
         "steps": training.get("steps"),
         "wall_time_s": training.get("wall_time_s"),
         "init_from": training.get("init_from"),
+        "upgraded_from": (parent_flow.checkpoint_metadata or {}).get("upgraded_from"),
     }
     return parent, {k: v.detach().clone() for k, v in parent_flow.vector_field.state_dict().items()}
 

@@ -172,3 +172,40 @@ def test_shipped_model_loads_offline_and_matches_its_card():
     card = (Path(DEFAULT_MODEL_PATH).parent / "MODEL_CARD.md").read_text()
     shas = re.findall(r"\b[0-9a-f]{64}\b", card)
     assert shas and shas[0] == flow.checkpoint_sha256
+
+
+def test_upgrade_from_v1_encoding_keeps_the_model_exact(tmp_path):
+    """A tbg-full-v1 model, upgraded to the split hydrogen classes, computes the same field on every atom."""
+    from openmm_tbg import encoding as enc_mod
+    from openmm_tbg.checkpoint import upgrade_model
+    from openmm_tbg.nn.egnn import EGNNVectorField
+    from openmm_tbg.peptides import build_peptide
+
+    torch.manual_seed(0)
+    old = TransferableFlow(EGNNVectorField(n_layers=2, hidden=16, n_atom_classes=len(enc_mod.ATOM_NAME_CLASSES_V1)),
+                           length_scale=0.2)
+    v1_path = tmp_path / "v1.pt"
+    save_model(old, v1_path)
+    payload = torch.load(v1_path, weights_only=True)
+    payload["encoding_version"] = "tbg-full-v1"  # as written by openmm_tbg with the v1 encoding
+    torch.save(payload, v1_path)
+    with pytest.raises(CheckpointError, match="upgrade_model"):
+        load_model(v1_path)
+    upgrade_model(v1_path, tmp_path / "v2.pt")
+    new = load_model(tmp_path / "v2.pt")
+    assert new.checkpoint_metadata["upgraded_from"]["encoding_version"] == "tbg-full-v1"
+    for seq in ("TV", "LI", "RN"):  # the residues whose hydrogen classes were split
+        top = build_peptide(seq).topology
+        enc = enc_mod.encode_topology(top)
+        v1_classes = [enc_mod.ATOM_NAME_CLASSES_V1.index(enc_mod.atom_name_class_v1(a.residue.name, a.name))
+                      for a in top.atoms()]
+        v1_tokens = torch.as_tensor(enc.tokens).clone()
+        v1_tokens[:, 2] = torch.as_tensor(v1_classes)
+        assert not torch.equal(v1_tokens, torch.as_tensor(enc.tokens))
+        x = torch.randn(3, enc.n_atoms, 3)
+        t = torch.tensor([0.1, 0.5, 0.9])
+        with torch.no_grad():
+            torch.testing.assert_close(new.vector_field(t, x, torch.as_tensor(enc.tokens)),
+                                       old.vector_field(t, x, v1_tokens), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="nothing to upgrade"):
+        upgrade_model(tmp_path / "v2.pt", tmp_path / "v3.pt")

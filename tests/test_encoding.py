@@ -13,6 +13,7 @@ from openmm.app import ForceField, Modeller, PDBFile, Topology, element
 from openmm_tbg.data import load_peptide
 from openmm_tbg.encoding import (AMINO_ACIDS, ATOM_NAME_CLASSES, ENCODING_VERSION, AtomEncoding,
                                  UnsupportedTopologyError, _SIDE_CHAINS, _residue_atom_names, atom_name_class,
+                                 atom_name_class_v1,
                                  chiral_centers, encode_topology, signed_volumes)
 from openmm_tbg.peptides import build_peptide
 
@@ -24,12 +25,15 @@ def _pdb(fixture_dir, name):
 
 
 def test_constants():
-    assert ENCODING_VERSION == "tbg-full-v1"
+    assert ENCODING_VERSION == "tbg-full-v2"
     assert len(AMINO_ACIDS) == 20 and len(set(AMINO_ACIDS)) == 20
     assert list(ATOM_NAME_CLASSES) == sorted(set(ATOM_NAME_CLASSES))
-    # TBG reported 54 classes; with digits stripped completely (Val's six HG are one class) we get 51.
-    assert len(ATOM_NAME_CLASSES) == 51
-    for expected in ("H", "HA", "HB", "HG", "OD", "OE", "OXT", "HD1", "HD2", "HE1", "HE2", "HZ2", "HH2", "CD1"):
+    # TBG reported 54 classes. The plain rule (v1) gives 51; v2 adds 8 classes that tell apart hydrogens on
+    # different heavy atoms (Thr HG1 / HG2*, Val/Ile HG1* / HG2*, Leu/Ile HD1*, Leu/Asn HD2*, Gln HE2*, Arg HH1* /
+    # HH2*).
+    assert len(ATOM_NAME_CLASSES) == 59
+    for expected in ("H", "HA", "HB", "HG", "OD", "OE", "OXT", "HD1", "HD2", "HE1", "HE2", "HZ2", "HH2", "CD1",
+                     "HG1", "HG1*", "HG2*", "HD1*", "HD2*", "HE2*", "HH1*", "HH2*"):
         assert expected in ATOM_NAME_CLASSES
 
 
@@ -44,7 +48,16 @@ def test_residue_table_matches_amber14_templates():
 
 
 def test_atom_name_classes():
-    assert {atom_name_class("VAL", n) for n in ("HG11", "HG12", "HG13", "HG21", "HG22", "HG23")} == {"HG"}
+    assert {atom_name_class_v1("VAL", n) for n in ("HG11", "HG12", "HG13", "HG21", "HG22", "HG23")} == {"HG"}
+    # v2: hydrogens on different heavy atoms get different classes; those on one heavy atom share one.
+    assert {atom_name_class("VAL", n) for n in ("HG11", "HG12", "HG13")} == {"HG1*"}
+    assert {atom_name_class("VAL", n) for n in ("HG21", "HG22", "HG23")} == {"HG2*"}
+    assert atom_name_class("THR", "HG1") == "HG1" and atom_name_class("THR", "HG22") == "HG2*"
+    assert atom_name_class("LEU", "HD13") == "HD1*" and atom_name_class("LEU", "HG") == "HG"
+    assert atom_name_class("ILE", "HG13") == "HG1*" and atom_name_class("ILE", "HD12") == "HD1*"
+    assert atom_name_class("ARG", "HH12") == "HH1*" and atom_name_class("ARG", "HH21") == "HH2*"
+    assert atom_name_class("ALA", "HB3") == "HB" and atom_name_class("GLY", "HA2") == "HA"
+    assert atom_name_class("ALA", "H3") == "H" and atom_name_class("MET", "HE2") == "HE"
     assert atom_name_class("ASP", "OD1") == atom_name_class("ASP", "OD2") == "OD"
     assert atom_name_class("GLU", "OE2") == "OE" and atom_name_class("GLN", "OE1") == "OE"
     assert atom_name_class("ASN", "ND2") == "ND2"  # only O gets digits stripped
@@ -53,7 +66,7 @@ def test_atom_name_classes():
         assert atom_name_class(aa, "HD1") == "HD1"
         assert atom_name_class(aa, "HB2") == "HB"  # not aromatic
     assert atom_name_class("TRP", "HZ3") == "HZ3" and atom_name_class("LYS", "HZ3") == "HZ"
-    assert atom_name_class("ARG", "HH21") == "HH" and atom_name_class("TRP", "HH2") == "HH2"
+    assert atom_name_class_v1("ARG", "HH21") == "HH" and atom_name_class("TRP", "HH2") == "HH2"
 
 
 def _chemical_equivalence_ok(enc, topology):
@@ -75,6 +88,15 @@ def _chemical_equivalence_ok(enc, topology):
             if (i in heavy_of and j in heavy_of and heavy_of[i].index == heavy_of[j].index
                     and heavy_of[i].residue.name not in ("HIS", "PHE", "TRP", "TYR")):
                 assert same, (enc.atom_names[i], enc.atom_names[j])
+            # ... and hydrogens on different heavy atoms never are (v2: Thr HG1 vs HG21, Val's two methyls).
+            if i in heavy_of and j in heavy_of and heavy_of[i].index != heavy_of[j].index:
+                assert not same, (enc.atom_names[i], enc.atom_names[j])
+
+
+@pytest.mark.parametrize("one_letter", "ACDEFGHIKLMNPQRSTVWY")
+def test_hydrogens_are_interchangeable_exactly_when_they_share_a_heavy_atom(one_letter):
+    pep = build_peptide(one_letter + one_letter)
+    _chemical_equivalence_ok(encode_topology(pep.topology), pep.topology)
 
 
 @pytest.mark.parametrize("seq", FIXTURES)
@@ -101,7 +123,7 @@ def test_groups_examples(fixture_dir):
     vd = build_peptide("VD")
     enc = encode_topology(vd.topology)
     groups = [[enc.atom_names[i] for i in g] for g in enc.interchangeable_groups()]
-    assert ["HG11", "HG12", "HG13", "HG21", "HG22", "HG23"] in groups
+    assert ["HG11", "HG12", "HG13"] in groups and ["HG21", "HG22", "HG23"] in groups  # one per methyl (v2)
     assert ["OD1", "OD2"] in groups
     # Tyr ring hydrogens stay distinguishable (aromatic rule).
     enc = encode_topology(pdb.topology)
