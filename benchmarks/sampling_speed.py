@@ -53,13 +53,14 @@ def method_options(name: str, device: torch.device) -> dict:
 def build_flow(size: str, model_path: str | None, device: torch.device) -> tuple[TransferableFlow, str]:
     """The trained model when its size matches ``size``, else a randomly initialised one of that size."""
     layers, hidden = (int(v) for v in size.lower().split("x"))
-    if model_path:
-        flow = load_model(model_path, device=str(device))
-        cfg = flow.vector_field.config
-        if (cfg["n_layers"], cfg["hidden"]) == (layers, hidden):
-            return flow, "trained"
+    trained = load_model(model_path or None, device=str(device))  # None: the shipped model
+    cfg = trained.vector_field.config
+    if model_path and (cfg["n_layers"], cfg["hidden"]) == (layers, hidden):
+        return trained, "trained"
+    # Other sizes: random weights, with the trained model's length scale so that the coordinates match.
     torch.manual_seed(0)
-    flow = TransferableFlow(EGNNVectorField(n_layers=layers, hidden=hidden), length_scale=0.2139).to(device)
+    flow = TransferableFlow(EGNNVectorField(n_layers=layers, hidden=hidden),
+                            length_scale=trained.length_scale).to(device)
     return flow, "random init"
 
 
