@@ -108,6 +108,9 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
+        from openmm_tbg.data import _default_file_mode
+
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files, unreadable for other users of a model
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

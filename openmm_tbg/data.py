@@ -251,6 +251,13 @@ _CHECKPOINT_FORMAT = "openmm_tbg.simulate"
 _RESTRAINT_GROUP = 31
 
 
+def _default_file_mode() -> int:
+    """Mode of a newly created regular file under the process umask (e.g. 0644 for umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write a file through a temporary file in the same directory and ``os.replace`` it into place."""
     import tempfile
@@ -262,6 +269,7 @@ def _atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files; give the usual umask-based mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

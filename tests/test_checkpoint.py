@@ -40,6 +40,12 @@ def test_round_trip_gives_the_same_model(tmp_path, dtype):
     path = tmp_path / "sub" / "model.pt"
     digest = save_model(flow, path, metadata={"data": {"peptides": ["AA", "NY"]}})
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    # A model file gets the usual permissions (not the 0600 of the temporary file it is written through).
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     loaded = load_model(path)
     assert loaded.checkpoint_sha256 == digest
     assert loaded.checkpoint_path == str(path.resolve())
