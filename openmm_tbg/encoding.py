@@ -10,8 +10,9 @@ Version ``tbg-full-v2`` refines the hydrogen rule: a hydrogen's class names the 
 hydrogens on different heavy atoms are never interchangeable. Under the plain rule (``tbg-full-v1``) Thr's
 hydroxyl H (HG1, on OG1) and its methyl H's (HG21-23, on CG2) were all "HG", as were the H's of Val's, Leu's and
 Ile's two methyls and of Arg's two NH2 groups. An equivariant flow must then break that symmetry from the
-prior sample alone, and the v1 model trained here never learned to: every Thr, Val, Leu and Ile test dipeptide
-had 0 % valid samples. In v2 those hydrogens get the classes HG1 (Thr), HG1*, HG2*, HD1*, HD2*, HE2*, HH1*,
+prior sample alone, and the v1 model trained here never learned to: the eight Thr, Val, Leu and Ile test
+dipeptides had 0-3 % valid samples (benchmarks/validity_rate.py, 64 samples each), nearly all rejected by the
+bond graph at those hydrogens. In v2 those hydrogens get the classes HG1 (Thr), HG1*, HG2*, HD1*, HD2*, HE2*, HH1*,
 HH2* (``*``: all H's on that heavy atom); every other class is unchanged.
 
 Only zwitterionic (NH3+ ... COO-) linear peptides of standard L-amino acids in one chain are supported. Anything
@@ -197,6 +198,8 @@ def v1_class_of(atom_class: str) -> str:
     if atom_class in ATOM_NAME_CLASSES_V1:
         return atom_class
     return re.sub(r"[\d*]", "", atom_class)
+
+
 _AA_INDEX = {aa: i for i, aa in enumerate(AMINO_ACIDS)}
 
 
