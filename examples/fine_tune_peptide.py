@@ -12,9 +12,10 @@ before step 2. The same thing from the command line::
     openmm-tbg simulate NT --out my_md --ns 1
     openmm-tbg train --data my_md --split all --peptides NT --out nt.pt --init-from default --steps 300 --lr 1e-4
 
-With the defaults, on one core of our 2-core CPU VM (measured piecewise on 2026-11-24, not as one run): the MD
-takes about 6 min (3.2 s per 10 ps frame), the 300 fine-tuning steps about 4 min (1.3-1.5 steps/s), and each
-model's 32 proposals with exact likelihoods about 5 min (about 10 s per NT sample).
+With the defaults, on one core of our 2-core CPU VM (measured piecewise on 2026-11-24, never as one complete
+run): the MD took 3.2 s per 10 ps frame in one run and 9.5 s in another (5-16 min for 1 ns), the 300
+fine-tuning steps take about 4 min (1.3-1.5 steps/s), and each model's 32 proposals with exact likelihoods about
+5 min (about 10 s per NT sample).
 
     python examples/fine_tune_peptide.py --sequence NT --ns 1 --steps 300 --samples 32
 """
