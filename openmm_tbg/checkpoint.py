@@ -121,6 +121,32 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
     return digest
 
 
+def _read_payload(path: Path) -> dict:
+    """The checked top-level dict of a checkpoint file (readable, openmm_tbg format, readable format version)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated file, foreign pickle with classes, plain text ...
+        raise CheckpointError(
+            f"Cannot read {path} as an openmm_tbg checkpoint: the file is corrupt (truncated or damaged) or is not "
+            f"a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Re-download or re-create it with openmm_tbg.save_model."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not an openmm_tbg model checkpoint (format {found!r}, expected "
+            f"{FORMAT!r}). Pass a file written by openmm_tbg.save_model (a training resume file *.resume.pt "
+            "is not a model)."
+        )
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version!r}, but this openmm_tbg reads version {FORMAT_VERSION}. "
+            "Use the openmm_tbg version that wrote it, or re-save the model with this one."
+        )
+    return payload
+
+
 _UPGRADABLE = ("tbg-full-v1",)
 
 
@@ -153,13 +179,7 @@ def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     from openmm_tbg.flow import TransferableFlow
 
     src = Path(src)
-    try:
-        payload = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"Cannot read {src} as an openmm_tbg checkpoint ({type(exc).__name__}); the file is "
-                              "corrupt or not a PyTorch weights file.") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{src} is not an openmm_tbg model checkpoint.")
+    payload = _read_payload(src)
     version = payload.get("encoding_version")
     if version == ENCODING_VERSION:
         raise CheckpointError(f"{src} already uses encoding {ENCODING_VERSION!r}; there is nothing to upgrade.")
@@ -223,27 +243,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if not path.is_file():
         raise FileNotFoundError(f"load_model: checkpoint file {path} does not exist; pass the path of a file "
                                 "written by openmm_tbg.save_model.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, foreign pickle with classes, plain text ...
-        raise CheckpointError(
-            f"Cannot read {path} as an openmm_tbg checkpoint: the file is corrupt (truncated or damaged) or is not "
-            f"a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Re-download or re-create it with openmm_tbg.save_model."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(
-            f"{path} is a PyTorch file but not an openmm_tbg model checkpoint (format {found!r}, expected "
-            f"{FORMAT!r}). Pass a file written by openmm_tbg.save_model (a training resume file *.resume.pt "
-            "is not a model)."
-        )
-    version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format_version {version!r}, but this openmm_tbg reads version {FORMAT_VERSION}. "
-            "Use the openmm_tbg version that wrote it, or re-save the model with this one."
-        )
+    payload = _read_payload(path)
     encoding_version = payload.get("encoding_version")
     if encoding_version != ENCODING_VERSION:
         hint = (f" Convert it with openmm_tbg.checkpoint.upgrade_model({str(path)!r}, 'upgraded.pt'), which keeps "

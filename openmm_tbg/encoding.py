@@ -21,6 +21,7 @@ else raises :class:`UnsupportedTopologyError` with a message that names the offe
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ def atom_name_class_v1(amino_acid: str, atom_name: str) -> str:
     return atom_name
 
 
+@functools.lru_cache(maxsize=None)
 def _heavy_suffixes(aa: str) -> tuple[str, ...]:
     """Name suffixes (name without the element letter) of a residue's heavy atoms, longest first."""
     variants = HISTIDINE_VARIANTS if aa == "HIS" else (aa,)

@@ -966,6 +966,13 @@ def _machine() -> str:
     return f"{_platform.node()}, {_platform.processor() or _platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
 
 
+def _write_report(results: list[dict], out_dir: Path, header: dict) -> None:
+    """``results.md`` (table, figure links, summary) and ``results.json`` in ``out_dir``."""
+    write_results_markdown(results, out_dir / "results.md", header=header)
+    with open(out_dir / "results.json", "w") as fh:
+        json.dump({"header": header, "results": results}, fh, indent=1, default=float)
+
+
 def evaluate(model, data_dir, split: Optional[str] = "test", n_samples: int = 1000, *,
              peptides: Optional[Sequence[str]] = None, out_dir: Union[str, os.PathLike] = "docs", seed: int = 0,
              device="auto", batch_size: int = 256, md_energy_frames: Optional[int] = 2000,
@@ -1031,9 +1038,7 @@ def evaluate(model, data_dir, split: Optional[str] = "test", n_samples: int = 10
     }
     if command_line:
         header["command"] = f"`{command_line}`"
-    write_results_markdown(results, out_dir / "results.md", header=header)
-    with open(out_dir / "results.json", "w") as fh:
-        json.dump({"header": header, "results": results}, fh, indent=1, default=float)
+    _write_report(results, out_dir, header)
     return results
 
 
@@ -1105,9 +1110,7 @@ def merge_results(part_dirs: Sequence[Union[str, os.PathLike]], out_dir: Union[s
         header["command"] = f"{len(headers)} runs of " + commands[0] + (" (and variants)" if len(commands) > 1 else "")
     if command_line:
         header["merged with"] = f"`{command_line}`"
-    write_results_markdown(results, out_dir / "results.md", header=header)
-    with open(out_dir / "results.json", "w") as fh:
-        json.dump({"header": header, "results": results}, fh, indent=1, default=float)
+    _write_report(results, out_dir, header)
     return results
 
 
