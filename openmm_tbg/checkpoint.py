@@ -144,6 +144,12 @@ def _read_payload(path: Path) -> dict:
             f"{path} has checkpoint format_version {version!r}, but this openmm_tbg reads version {FORMAT_VERSION}. "
             "Use the openmm_tbg version that wrote it, or re-save the model with this one."
         )
+    missing = [k for k in ("flow_config", "state_dict", "metadata") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete openmm_tbg checkpoint: missing entries {missing}.")
+    if not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{path}: state_dict is a {type(payload['state_dict']).__name__}, expected a dict "
+                              "of tensors.")
     return payload
 
 
@@ -185,20 +191,28 @@ def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
         raise CheckpointError(f"{src} already uses encoding {ENCODING_VERSION!r}; there is nothing to upgrade.")
     if version not in _UPGRADABLE:
         raise CheckpointError(f"{src} uses encoding {version!r}; only {list(_UPGRADABLE)} can be upgraded.")
-    config = dict(payload["flow_config"])
-    vf = dict(config["vector_field"])
-    if vf.get("n_atom_classes") != len(ATOM_NAME_CLASSES_V1):
+    key = "vector_field.embed_atom_class.weight"
+    try:
+        config = dict(payload["flow_config"])
+        vf = dict(config["vector_field"])
+        state = dict(payload["state_dict"])
+        old = state[key]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{src} holds an invalid flow configuration or weights ({type(exc).__name__}: "
+                              f"{exc}); it cannot be upgraded. Re-save the model with the openmm_tbg version that trained it.") from exc
+    if vf.get("n_atom_classes") != len(ATOM_NAME_CLASSES_V1) or tuple(old.shape[:1]) != (len(ATOM_NAME_CLASSES_V1),):
         raise CheckpointError(f"{src}: {vf.get('n_atom_classes')} atom classes, expected the "
                               f"{len(ATOM_NAME_CLASSES_V1)} of {version!r}.")
-    state = dict(payload["state_dict"])
-    key = "vector_field.embed_atom_class.weight"
-    old = state[key]
     rows = [ATOM_NAME_CLASSES_V1.index(v1_class_of(c)) for c in ATOM_NAME_CLASSES]
     state[key] = old[rows].clone()
     vf["n_atom_classes"] = len(ATOM_NAME_CLASSES)
     config["vector_field"] = vf
-    flow = TransferableFlow.from_config(config)
-    flow.load_state_dict(state, strict=True)
+    try:
+        flow = TransferableFlow.from_config(config)
+        flow.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{src}: the stored weights do not fit the stored model configuration "
+                              f"({str(exc).splitlines()[0]}); it cannot be upgraded.") from exc
     metadata = dict(payload.get("metadata") or {})
     metadata["upgraded_from"] = {"path": str(src.resolve()), "sha256": _sha256(src), "encoding_version": version}
     return save_model(flow, dst, metadata=metadata)
@@ -254,16 +268,11 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
             f"{ENCODING_VERSION!r}: the model's tokens would mean different atoms. Use the matching openmm_tbg "
             "version or retrain the model." + hint
         )
-    missing = [k for k in ("flow_config", "state_dict", "metadata") if k not in payload]
-    if missing:
-        raise CheckpointError(f"{path} is an incomplete openmm_tbg checkpoint: missing entries {missing}.")
     try:
         flow = TransferableFlow.from_config(payload["flow_config"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} holds an invalid flow configuration ({exc}).") from exc
     state = payload["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: state_dict is a {type(state).__name__}, expected a dict of tensors.")
     try:
         flow.load_state_dict(state, strict=True)
     except RuntimeError as exc:

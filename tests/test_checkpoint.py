@@ -215,3 +215,33 @@ def test_upgrade_from_v1_encoding_keeps_the_model_exact(tmp_path):
                                        old.vector_field(t, x, v1_tokens), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="nothing to upgrade"):
         upgrade_model(tmp_path / "v2.pt", tmp_path / "v3.pt")
+
+
+@pytest.mark.parametrize("damage", ["no_state_dict", "no_embedding", "wrong_width"])
+def test_upgrade_of_an_incomplete_v1_file_names_the_problem(tmp_path, damage):
+    """upgrade_model reports a damaged v1 file as a CheckpointError, not a KeyError from deep inside."""
+    from openmm_tbg import encoding as enc_mod
+    from openmm_tbg.checkpoint import upgrade_model
+    from openmm_tbg.nn.egnn import EGNNVectorField
+
+    torch.manual_seed(0)
+    old = TransferableFlow(EGNNVectorField(n_layers=1, hidden=8, n_atom_classes=len(enc_mod.ATOM_NAME_CLASSES_V1)),
+                           length_scale=0.2)
+    path = tmp_path / "v1.pt"
+    save_model(old, path)
+    payload = torch.load(path, weights_only=True)
+    payload["encoding_version"] = "tbg-full-v1"
+    key = "vector_field.embed_atom_class.weight"
+    if damage == "no_state_dict":
+        del payload["state_dict"]
+        match = "missing entries"
+    elif damage == "no_embedding":
+        del payload["state_dict"][key]
+        match = "cannot be upgraded"
+    else:
+        payload["state_dict"]["vector_field.embed_time.weight"] = torch.zeros(3, 1)
+        match = "do not fit"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=match):
+        upgrade_model(path, tmp_path / "v2.pt")
+    assert not (tmp_path / "v2.pt").exists()
