@@ -5,7 +5,10 @@ divergence (forward + 3N backward passes), in units of forward passes, for:
 
 * ``loop``: one ``torch.autograd.grad`` per coordinate (3N calls; what the CPU uses);
 * ``batched-K``: ``is_grads_batched`` over chunks of K unit vectors (what CUDA uses; ``batched-all`` = one
-  chunk of all 3N).
+  chunk of all 3N);
+* ``loop+compile`` (with ``--compile``): the loop through ``torch.compile(vector_field)``. Compilation and
+  the first call are excluded from the timing; the *forwards* column still divides by the eager forward pass,
+  and a separate ``forward+compile`` row gives the compiled forward pass alone.
 
 All implementations must agree to float32 round-off; the table shows the largest difference from ``loop``.
 A divergence costing ~N forward passes or more is why exact likelihoods are expensive, and why the quadrature
@@ -43,6 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the fastest is reported")
+    parser.add_argument("--compile", action="store_true", help="also time the loop through torch.compile")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -69,21 +73,39 @@ def main(argv=None) -> None:
                     flow.vector_field(t, x, tokens)
                     _sync(device)
                     forward = min(forward, time.perf_counter() - start)
-            methods = {"loop": divergence_exact_loop}
+            eager = flow.vector_field
+            methods = {"loop": (eager, divergence_exact_loop)}
             for chunk in args.chunks:
                 size = 3 * n_atoms if chunk == "all" else int(chunk)
-                methods[f"batched-{chunk}"] = (lambda size: lambda v, xx: divergence_exact_batched(v, xx, size))(size)
+                methods[f"batched-{chunk}"] = (
+                    eager, (lambda size: lambda v, xx: divergence_exact_batched(v, xx, size))(size))
+            if args.compile:
+                compiled = torch.compile(eager, dynamic=False)
+                with torch.no_grad():  # compile (and warm up) the forward-only graph
+                    compiled(t, x, tokens)
+                    best = float("inf")
+                    for _ in range(args.repeats):
+                        _sync(device)
+                        start = time.perf_counter()
+                        compiled(t, x, tokens)
+                        _sync(device)
+                        best = min(best, time.perf_counter() - start)
+                print(f"{seq:>7} {n_atoms:>5} {batch:>5} {'forward+compile':>11} {best:9.4f} {best / batch:10.4f} "
+                      f"{best / forward:8.2f} {'-':>8}", flush=True)
+                methods["loop+compile"] = (compiled, divergence_exact_loop)
             reference = None
-            for method, fn in methods.items():
+            for method, (vector_field, fn) in methods.items():
                 best, div = float("inf"), None
-                for _ in range(args.repeats):
+                warmups = 1 if vector_field is not eager else 0
+                for repeat in range(warmups + args.repeats):
                     xx = x.clone().requires_grad_(True)
                     with torch.enable_grad():
                         _sync(device)
                         start = time.perf_counter()
-                        div = fn(flow.vector_field(t, xx, tokens), xx)
+                        div = fn(vector_field(t, xx, tokens), xx)
                         _sync(device)
-                        best = min(best, time.perf_counter() - start)
+                        if repeat >= warmups:
+                            best = min(best, time.perf_counter() - start)
                 reference = div if reference is None else reference
                 diff = float((div - reference).abs().max())
                 print(f"{seq:>7} {n_atoms:>5} {batch:>5} {method:>11} {best:9.4f} {best / batch:10.4f} "
