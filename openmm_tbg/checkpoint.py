@@ -198,9 +198,12 @@ def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
         state = dict(payload["state_dict"])
         old = state[key]
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{src} holds an invalid flow configuration or weights ({type(exc).__name__}: "
-                              f"{exc}); it cannot be upgraded. Re-save the model with the openmm_tbg version that trained it.") from exc
-    if vf.get("n_atom_classes") != len(ATOM_NAME_CLASSES_V1) or tuple(old.shape[:1]) != (len(ATOM_NAME_CLASSES_V1),):
+        raise CheckpointError(
+            f"{src} holds an invalid flow configuration or weights ({type(exc).__name__}: {exc}); it cannot be "
+            "upgraded. Re-save the model with the openmm_tbg version that trained it."
+        ) from exc
+    n_v1 = len(ATOM_NAME_CLASSES_V1)
+    if vf.get("n_atom_classes") != n_v1 or not torch.is_tensor(old) or tuple(old.shape[:1]) != (n_v1,):
         raise CheckpointError(f"{src}: {vf.get('n_atom_classes')} atom classes, expected the "
                               f"{len(ATOM_NAME_CLASSES_V1)} of {version!r}.")
     rows = [ATOM_NAME_CLASSES_V1.index(v1_class_of(c)) for c in ATOM_NAME_CLASSES]
