@@ -3,11 +3,11 @@
 torchdiffeq's adaptive solvers control the RMS of the error over the whole state tensor. With B samples in one
 batch, one sample's local error counts only 1/sqrt(B) in that norm, so hard samples could be integrated less
 accurately in large batches. This script integrates the same prior draws with ``quadrature_nodes=K`` at dopri5
-1e-4 (as the sampler does) in one batch, one sample at a time, and in one batch with a per-sample norm (the
+1e-4 (as the sampler does; ``--tols`` adds tighter position solves) in one batch, one sample at a time, and in one batch with a per-sample norm (the
 largest per-sample RMS), and compares log q and the final positions with a tight reference (per-sample norm at
 1e-7, 48 Gauss-Legendre nodes).
 
-    python benchmarks/batch_tolerance.py --peptide AA --samples 16
+    python benchmarks/batch_tolerance.py --peptide AA --samples 32 --tols 1e-4 1e-5 1e-6
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def main(argv=None) -> None:
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--tols", nargs="+", type=float, default=[1e-4],
+                        help="dopri5 atol = rtol of the position solve (the sampler uses 1e-4)")
+    parser.add_argument("--no-singles", action="store_true", help="skip the one-sample-at-a-time solves")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -65,21 +68,23 @@ def main(argv=None) -> None:
         return weights @ np.concatenate(values), xs[-1], positions.nfe
 
     print(f"# batch_tolerance.py  {datetime.date.today()}  {platform.processor() or 'CPU'}  model "
-          f"{flow.checkpoint_sha256[:12]}  {args.peptide}, {args.samples} samples, gl-{args.nodes} at dopri5 1e-4")
+          f"{flow.checkpoint_sha256[:12]}  {args.peptide}, {args.samples} samples, gl-{args.nodes}")
     reference, x_reference, _ = integral(z, 48, 1e-7, per_sample_norm)
-    print(f"{'solve':>28} {'rms err':>8} {'max err':>8} {'x dev median':>12} {'x dev max':>10} {'NFE':>5}")
+    print(f"{'solve':>32} {'rms err':>8} {'max err':>8} {'x dev median':>12} {'x dev max':>10} {'NFE':>5}")
 
     def report(label, value, x, nfe):
         err = value - reference  # log q error in kT (the integral enters log q with unit weight)
         dev = ((x - x_reference).norm(dim=-1).max(-1).values * flow.length_scale).numpy()  # nm, worst atom
-        print(f"{label:>28} {np.sqrt(np.mean(err**2)):8.4f} {np.abs(err).max():8.4f} {np.median(dev):12.5f} "
+        print(f"{label:>32} {np.sqrt(np.mean(err**2)):8.4f} {np.abs(err).max():8.4f} {np.median(dev):12.5f} "
               f"{dev.max():10.5f} {nfe:>5}", flush=True)
 
-    report(f"one batch of {args.samples}", *integral(z, args.nodes, 1e-4))
-    report("one batch, per-sample norm", *integral(z, args.nodes, 1e-4, per_sample_norm))
-    singles = [integral(z[i:i + 1], args.nodes, 1e-4) for i in range(args.samples)]
-    report("one sample at a time", np.concatenate([s[0] for s in singles]), torch.cat([s[1] for s in singles]),
-           f"{np.mean([s[2] for s in singles]):.0f}")
+    for tol in args.tols:
+        report(f"tol {tol:g}, one batch of {args.samples}", *integral(z, args.nodes, tol))
+        report(f"tol {tol:g}, per-sample norm", *integral(z, args.nodes, tol, per_sample_norm))
+        if not args.no_singles:
+            singles = [integral(z[i:i + 1], args.nodes, tol) for i in range(args.samples)]
+            report(f"tol {tol:g}, one at a time", np.concatenate([s[0] for s in singles]),
+                   torch.cat([s[1] for s in singles]), f"{np.mean([s[2] for s in singles]):.0f}")
 
 
 if __name__ == "__main__":
