@@ -23,7 +23,8 @@ import numpy as np
 from openmm import unit
 from openmmtools import mcmc
 
-from .sampler import DEFAULT_QUADRATURE_NODES, BoltzmannGeneratorSampler, check_system, file_sha256, resolve_model, _resolve_device
+from .sampler import (DEFAULT_QUADRATURE_NODES, BoltzmannGeneratorSampler, _resolve_device, check_system,
+                      default_tolerance, file_sha256, resolve_model)
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class TBGMove(mcmc.MCMCMove):
     device : str
         Torch device for a model given by path (``"auto"``: CUDA when available).
     ode_method, atol, rtol, step_size, divergence, quadrature_nodes
-        Integration options (ignored when a sampler is given: its options are used).
+        Integration options (ignored when a sampler is given: its options are used). ``atol``/``rtol`` None:
+        as `BoltzmannGeneratorSampler` (1e-5 with quadrature nodes, 1e-4 without).
     check_bonds, check_chirality, bond_factor
         Validity options (ignored when a sampler is given).
 
@@ -96,7 +98,7 @@ class TBGMove(mcmc.MCMCMove):
 
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
                  buffer_size: int = 64, seed: Optional[int] = None, device="auto", ode_method: str = "dopri5",
-                 atol: float = 1e-4, rtol: float = 1e-4, step_size: Optional[float] = None,
+                 atol: Optional[float] = None, rtol: Optional[float] = None, step_size: Optional[float] = None,
                  divergence: str = "exact", quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES,
                  check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3):
         super().__init__()
@@ -123,6 +125,8 @@ class TBGMove(mcmc.MCMCMove):
                 encoding = encode_topology(topology)
             flow, path, sha = resolve_model(sampler_or_model, _resolve_device(device))
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+            atol = default_tolerance(quadrature_nodes) if atol is None else atol
+            rtol = default_tolerance(quadrature_nodes) if rtol is None else rtol
             ode = {"method": ode_method, "atol": float(atol), "rtol": float(rtol), "step_size": step_size,
                    "divergence": divergence, "quadrature_nodes": quadrature_nodes}
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),

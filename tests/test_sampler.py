@@ -200,3 +200,26 @@ def test_end_to_end_alanine_dipeptide_with_tiny_egnn(fixture_dir):
     assert np.all(np.isneginf(result.log_weights[~result.valid]))
     traj = result.to_mdtraj()
     assert traj.n_frames == n and traj.n_atoms == n_atoms
+
+
+def test_default_tolerance_depends_on_the_likelihood_path(toy):
+    """dopri5 tolerance left unset: 1e-5 for the positions-only quadrature solve, TBG's 1e-4 without nodes;
+    TBGMove resolves it the same way, and an explicit tolerance wins."""
+    from openmm_tbg.moves import TBGMove
+    from openmm_tbg.sampler import add_ode_arguments, default_tolerance, ode_kwargs
+    import argparse
+
+    assert toy_sampler(toy).ode_options["atol"] == toy_sampler(toy).ode_options["rtol"] == 1e-5
+    assert toy_sampler(toy, quadrature_nodes=None).ode_options["atol"] == 1e-4
+    assert toy_sampler(toy, atol=3e-6, rtol=2e-6).ode_options == dict(toy_sampler(toy).ode_options, atol=3e-6,
+                                                                      rtol=2e-6)
+    assert default_tolerance(0) == 1e-4 and default_tolerance(8) == 1e-5
+    parser = argparse.ArgumentParser()
+    add_ode_arguments(parser)
+    kwargs = ode_kwargs(parser.parse_args([]))
+    assert kwargs["atol"] is None and kwargs["quadrature_nodes"] == 16
+    assert toy_sampler(toy, **{k: v for k, v in kwargs.items() if k != "ode_method"}).ode_options["atol"] == 1e-5
+    system, topology, encoding, flow = toy
+    move = TBGMove(flow, topology, encoding)
+    assert move.ode_options["atol"] == 1e-5
+    assert TBGMove(flow, topology, encoding, quadrature_nodes=None).ode_options["rtol"] == 1e-4
