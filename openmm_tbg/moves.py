@@ -24,7 +24,7 @@ from openmm import unit
 from openmmtools import mcmc
 
 from .sampler import (DEFAULT_QUADRATURE_NODES, BoltzmannGeneratorSampler, _resolve_device, check_system,
-                      default_tolerance, file_sha256, resolve_model)
+                      file_sha256, ode_options, resolve_model)
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -125,10 +125,7 @@ class TBGMove(mcmc.MCMCMove):
                 encoding = encode_topology(topology)
             flow, path, sha = resolve_model(sampler_or_model, _resolve_device(device))
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
-            atol = default_tolerance(quadrature_nodes) if atol is None else atol
-            rtol = default_tolerance(quadrature_nodes) if rtol is None else rtol
-            ode = {"method": ode_method, "atol": float(atol), "rtol": float(rtol), "step_size": step_size,
-                   "divergence": divergence, "quadrature_nodes": quadrature_nodes}
+            ode = ode_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes)
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                         "bond_factor": float(bond_factor)}
         seed_seq = np.random.SeedSequence(seed)

@@ -41,6 +41,15 @@ def default_tolerance(quadrature_nodes: Optional[int]) -> float:
     """dopri5 atol = rtol used when none is given: 1e-5 with quadrature nodes, TBG's 1e-4 without."""
     return QUADRATURE_TOLERANCE if quadrature_nodes else TBG_TOLERANCE
 
+
+def ode_options(ode_method: str, atol: Optional[float], rtol: Optional[float], step_size: Optional[float],
+                divergence: str, quadrature_nodes: Optional[int]) -> dict:
+    """Keyword arguments of `TransferableFlow.sample` / ``log_prob``; None tolerances get `default_tolerance`."""
+    tol = default_tolerance(quadrature_nodes)
+    return {"method": ode_method, "atol": float(tol if atol is None else atol),
+            "rtol": float(tol if rtol is None else rtol), "step_size": step_size, "divergence": divergence,
+            "quadrature_nodes": quadrature_nodes}
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BoltzmannGeneratorSampler", "SampleResult", "check_system", "kish_ess", "configure_parser",
@@ -460,11 +469,7 @@ class BoltzmannGeneratorSampler:
         self.flow, self.model_path, self.model_sha256 = resolve_model(model, self.device)
         self.flow.eval()
         self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
-        atol = default_tolerance(quadrature_nodes) if atol is None else atol
-        rtol = default_tolerance(quadrature_nodes) if rtol is None else rtol
-        self.ode_options = {"method": ode_method, "atol": float(atol), "rtol": float(rtol),
-                            "step_size": step_size, "divergence": divergence,
-                            "quadrature_nodes": quadrature_nodes}
+        self.ode_options = ode_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes)
         self.validity_options = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                                  "bond_factor": float(bond_factor)}
         self.checker = ValidityChecker(topology, encoding, reference_positions=positions, **self.validity_options)
