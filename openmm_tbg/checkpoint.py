@@ -204,8 +204,8 @@ def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
         ) from exc
     n_v1 = len(ATOM_NAME_CLASSES_V1)
     if vf.get("n_atom_classes") != n_v1 or not torch.is_tensor(old) or tuple(old.shape[:1]) != (n_v1,):
-        raise CheckpointError(f"{src}: {vf.get('n_atom_classes')} atom classes, expected the "
-                              f"{len(ATOM_NAME_CLASSES_V1)} of {version!r}.")
+        raise CheckpointError(f"{src}: {vf.get('n_atom_classes')} atom classes, expected the {n_v1} of "
+                              f"{version!r}.")
     rows = [ATOM_NAME_CLASSES_V1.index(v1_class_of(c)) for c in ATOM_NAME_CLASSES]
     state[key] = old[rows].clone()
     vf["n_atom_classes"] = len(ATOM_NAME_CLASSES)

@@ -180,21 +180,30 @@ def test_shipped_model_loads_offline_and_matches_its_card():
     assert shas and shas[0] == flow.checkpoint_sha256
 
 
+def _write_v1_checkpoint(path, n_layers: int, hidden: int):
+    """A random model with the v1 class vocabulary saved to ``path`` as openmm_tbg wrote it under encoding
+    tbg-full-v1; returns the flow and the written payload."""
+    from openmm_tbg import encoding as enc_mod
+    from openmm_tbg.nn.egnn import EGNNVectorField
+
+    torch.manual_seed(0)
+    flow = TransferableFlow(EGNNVectorField(n_layers=n_layers, hidden=hidden,
+                                            n_atom_classes=len(enc_mod.ATOM_NAME_CLASSES_V1)), length_scale=0.2)
+    save_model(flow, path)
+    payload = torch.load(path, weights_only=True)
+    payload["encoding_version"] = "tbg-full-v1"
+    torch.save(payload, path)
+    return flow, payload
+
+
 def test_upgrade_from_v1_encoding_keeps_the_model_exact(tmp_path):
     """A tbg-full-v1 model, upgraded to the split hydrogen classes, computes the same field on every atom."""
     from openmm_tbg import encoding as enc_mod
     from openmm_tbg.checkpoint import upgrade_model
-    from openmm_tbg.nn.egnn import EGNNVectorField
     from openmm_tbg.peptides import build_peptide
 
-    torch.manual_seed(0)
-    old = TransferableFlow(EGNNVectorField(n_layers=2, hidden=16, n_atom_classes=len(enc_mod.ATOM_NAME_CLASSES_V1)),
-                           length_scale=0.2)
     v1_path = tmp_path / "v1.pt"
-    save_model(old, v1_path)
-    payload = torch.load(v1_path, weights_only=True)
-    payload["encoding_version"] = "tbg-full-v1"  # as written by openmm_tbg with the v1 encoding
-    torch.save(payload, v1_path)
+    old, _ = _write_v1_checkpoint(v1_path, n_layers=2, hidden=16)
     with pytest.raises(CheckpointError, match="upgrade_model"):
         load_model(v1_path)
     upgrade_model(v1_path, tmp_path / "v2.pt")
@@ -220,17 +229,10 @@ def test_upgrade_from_v1_encoding_keeps_the_model_exact(tmp_path):
 @pytest.mark.parametrize("damage", ["no_state_dict", "no_embedding", "wrong_width"])
 def test_upgrade_of_an_incomplete_v1_file_names_the_problem(tmp_path, damage):
     """upgrade_model reports a damaged v1 file as a CheckpointError, not a KeyError from deep inside."""
-    from openmm_tbg import encoding as enc_mod
     from openmm_tbg.checkpoint import upgrade_model
-    from openmm_tbg.nn.egnn import EGNNVectorField
 
-    torch.manual_seed(0)
-    old = TransferableFlow(EGNNVectorField(n_layers=1, hidden=8, n_atom_classes=len(enc_mod.ATOM_NAME_CLASSES_V1)),
-                           length_scale=0.2)
     path = tmp_path / "v1.pt"
-    save_model(old, path)
-    payload = torch.load(path, weights_only=True)
-    payload["encoding_version"] = "tbg-full-v1"
+    _, payload = _write_v1_checkpoint(path, n_layers=1, hidden=8)
     key = "vector_field.embed_atom_class.weight"
     if damage == "no_state_dict":
         del payload["state_dict"]
