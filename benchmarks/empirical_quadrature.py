@@ -23,17 +23,20 @@ import argparse
 import datetime
 import os
 import platform
+import sys
 import zlib
 
 import numpy as np
 import torch
 from numpy.polynomial import legendre
 from scipy.optimize import minimize
-from torchdiffeq import odeint
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
-from openmm_tbg.flow import _AugmentedDynamics, _PositionDynamics, gauss_legendre
+from openmm_tbg.flow import gauss_legendre
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quadrature_error import divergence_along  # noqa: E402
 
 N_REFERENCE = 48
 
@@ -43,20 +46,8 @@ def divergence_curves(flow, pdb_path: str, n_samples: int, seed: int) -> np.ndar
     from openmm import app
 
     tokens = flow._as_tokens(encode_topology(app.PDBFile(pdb_path).topology))
-    n_atoms = tokens.shape[0]
-    x0 = flow.sample_prior(n_samples, n_atoms, generator=torch.Generator().manual_seed(seed))
-    nodes, _ = gauss_legendre(N_REFERENCE)
-    times = torch.tensor(np.r_[0.0, nodes], dtype=x0.dtype)
-    with torch.no_grad():
-        xs = odeint(_PositionDynamics(flow.vector_field, tokens), x0, times, method="dopri5", atol=1e-7, rtol=1e-7)
-    dynamics = _AugmentedDynamics(flow.vector_field, tokens, "exact", None, None)
-    values = np.zeros((N_REFERENCE, n_samples))
-    for start in range(0, N_REFERENCE, 8):  # 8 nodes stacked per trace bounds the memory
-        k = min(8, N_REFERENCE - start)
-        x_nodes = xs[1 + start:1 + start + k].reshape(k * n_samples, n_atoms, 3)
-        t_nodes = times[1 + start:1 + start + k].repeat_interleave(n_samples)
-        values[start:start + k] = dynamics.divergence_at(t_nodes, x_nodes)[1].double().numpy().reshape(k, n_samples)
-    return values
+    x0 = flow.sample_prior(n_samples, tokens.shape[0], generator=torch.Generator().manual_seed(seed))
+    return divergence_along(flow, tokens, x0, gauss_legendre(N_REFERENCE)[0], 1e-7)[0]
 
 
 def curve_family(curves: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[str]]:
