@@ -1,0 +1,23 @@
+"""The dipeptide MD data set: reading it (:mod:`.reading`), the test-split guard (:mod:`.splits`) and
+generating new data in the same format (:mod:`.simulate`, ``openmm-tbg simulate``).
+
+Format of a data directory (see ``shared/data/dipeptides/README.md``):
+
+- ``XY.pdb``: topology and a starting structure; its atom order defines the trajectory's columns.
+- ``XY.npz``: ``positions`` int16 (frames, atoms, 3) in units of 1e-4 nm with the centroid removed per frame,
+  ``run`` int8 (frames,) index of the independent run of each frame (frames of a run are consecutive),
+  ``run_interval_ps`` float (n_runs,) time between saved frames of each run.
+- ``splits.json``: ``{"train": [...], "test": [...]}``.
+"""
+
+from ..utils import default_file_mode as _default_file_mode  # noqa: F401  (checkpoint.py imports it from here)
+from .reading import (POSITION_SCALE_NM, DatasetError, PeptideTrajectory, load_dataset, load_peptide,
+                      read_splits)
+from .simulate import CHECKPOINT_NAME, build_separated_system, configure_parser, run_from_cli, simulate
+from .splits import TestSplitError, check_not_test_split, load_training_data
+
+__all__ = [
+    "POSITION_SCALE_NM", "DatasetError", "PeptideTrajectory", "read_splits", "load_peptide", "load_dataset",
+    "TestSplitError", "check_not_test_split", "load_training_data", "CHECKPOINT_NAME", "build_separated_system",
+    "simulate", "configure_parser", "run_from_cli",
+]
