@@ -3,7 +3,10 @@
 A checkpoint is a ``torch.save`` of a plain dict::
 
     {"format": "openmm_tbg.checkpoint", "format_version": 1, "encoding_version": ENCODING_VERSION,
-     "flow_config": TransferableFlow.config, "state_dict": flow.state_dict(), "metadata": {...}}
+     "family": flow.family, "flow_config": flow.config, "state_dict": flow.state_dict(), "metadata": {...}}
+
+``family`` names the model family (`openmm_tbg.model.FAMILIES`) whose class rebuilds the flow; files written
+before families existed have none and are EGNN CNFs.
 
 It is read with ``torch.load(weights_only=True)``, so loading a file never executes pickled code. Corrupt,
 foreign and incompatible files raise :class:`CheckpointError` with the reason.
@@ -22,7 +25,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "save_model", "load_model", "DEFAULT_MODEL_PATH", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "save_model", "load_model", "resolve_model", "DEFAULT_MODEL_PATH", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "openmm_tbg.checkpoint"
 FORMAT_VERSION = 1
@@ -34,7 +38,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is corrupt, not an openmm_tbg checkpoint, or incompatible with this version."""
 
 
-def _sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -69,8 +74,8 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
 
     Parameters
     ----------
-    flow : TransferableFlow
-        A flow whose vector field has a ``config`` (e.g. an EGNN vector field).
+    flow : Flow
+        A flow of a registered family (`openmm_tbg.model.FAMILIES`) with a ``config``.
     path : str or os.PathLike
         Output file (conventionally ``*.pt``); parent directories are created.
     metadata : dict, optional
@@ -88,6 +93,9 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
     if not isinstance(metadata, dict):
         raise TypeError(f"save_model: metadata must be a dict or None, got {type(metadata).__name__}.")
     _check_metadata(metadata)
+    from openmm_tbg.model import family_of
+
+    family = family_of(flow)
     config = flow.config  # raises TypeError for vector fields that cannot be rebuilt
     state = {k: v.detach().cpu() for k, v in flow.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -97,6 +105,7 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "encoding_version": ENCODING_VERSION,
+        "family": family,
         "flow_config": config,
         "state_dict": state,
         "metadata": metadata,
@@ -116,7 +125,7 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    digest = _sha256(path)
+    digest = file_sha256(path)
     logger.info("saved model to %s (sha256 %s)", path, digest)
     return digest
 
@@ -126,11 +135,16 @@ def _read_payload(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, foreign pickle with classes, plain text ...
+        # torch's own message is left out (and the chain cut): for foreign pickles it suggests loading with
+        # weights_only=False, which would execute code from an untrusted file and is never needed for a model.
         raise CheckpointError(
-            f"Cannot read {path} as an openmm_tbg checkpoint: the file is corrupt (truncated or damaged) or is not "
-            f"a PyTorch weights file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Re-download or re-create it with openmm_tbg.save_model."
-        ) from exc
+            f"{path} is not a valid openmm_tbg checkpoint (sha256 {file_sha256(path)}, {os.path.getsize(path)} "
+            f"bytes): torch.load(weights_only=True) could not read it ({type(exc).__name__}), so it is corrupt "
+            "(truncated or damaged) or a different kind of file. An openmm_tbg checkpoint is a torch.save zip "
+            f"archive of a plain dict with format {FORMAT!r}, format_version {FORMAT_VERSION}, flow_config, "
+            "state_dict and metadata, written by openmm_tbg.save_model. Compare the sha256 with the one "
+            "published for the model, then re-download it or re-create it with openmm_tbg.save_model."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
@@ -217,7 +231,7 @@ def upgrade_model(src: str | os.PathLike, dst: str | os.PathLike) -> str:
         raise CheckpointError(f"{src}: the stored weights do not fit the stored model configuration "
                               f"({str(exc).splitlines()[0]}); it cannot be upgraded.") from exc
     metadata = dict(payload.get("metadata") or {})
-    metadata["upgraded_from"] = {"path": str(src.resolve()), "sha256": _sha256(src), "encoding_version": version}
+    metadata["upgraded_from"] = {"path": str(src.resolve()), "sha256": file_sha256(src), "encoding_version": version}
     return save_model(flow, dst, metadata=metadata)
 
 
@@ -234,8 +248,8 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
     Returns
     -------
-    TransferableFlow
-        The flow in eval mode, with attributes ``checkpoint_path`` (absolute path), ``checkpoint_sha256`` and
+    Flow
+        The flow (of the family named in the file) in eval mode, with attributes ``checkpoint_path`` (absolute path), ``checkpoint_sha256`` and
         ``checkpoint_metadata``.
 
     Raises
@@ -246,7 +260,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         The file is corrupt, not an openmm_tbg checkpoint, or incompatible with this version of openmm_tbg.
     """
     from openmm_tbg.encoding import ENCODING_VERSION
-    from openmm_tbg.flow import TransferableFlow
+    from openmm_tbg.model import FAMILIES, flow_class
 
     if path is None:
         path = DEFAULT_MODEL_PATH
@@ -271,8 +285,12 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
             f"{ENCODING_VERSION!r}: the model's tokens would mean different atoms. Use the matching openmm_tbg "
             "version or retrain the model." + hint
         )
+    family = payload.get("family", "egnn-cnf")  # files from before model families are EGNN CNFs
+    if family not in FAMILIES:
+        raise CheckpointError(f"{path} holds a model of family {family!r}, which this openmm_tbg does not know "
+                              f"(known: {sorted(FAMILIES)}). Use the openmm_tbg version that wrote it.")
     try:
-        flow = TransferableFlow.from_config(payload["flow_config"])
+        flow = flow_class(family).from_config(payload["flow_config"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} holds an invalid flow configuration ({exc}).") from exc
     state = payload["state_dict"]
@@ -289,7 +307,23 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         raise CheckpointError(f"{path}: parameters {bad[:5]} contain NaN or inf; the model is broken.")
     flow = flow.to(device).eval()
     flow.checkpoint_path = str(path.resolve())
-    flow.checkpoint_sha256 = _sha256(path)
+    flow.checkpoint_sha256 = file_sha256(path)
     flow.checkpoint_metadata = payload["metadata"]
     logger.info("loaded model %s (sha256 %s)", path, flow.checkpoint_sha256)
     return flow
+
+
+def resolve_model(model, device) -> tuple[Any, str | None, str | None]:
+    """Return ``(flow, checkpoint path or None, sha256 or None)`` for ``model`` = None (the shipped model), a
+    checkpoint path or a flow object of a registered family (moved to ``device``)."""
+    from openmm_tbg.model import FAMILIES, is_flow
+
+    if is_flow(model):
+        return model.to(device), getattr(model, "checkpoint_path", None), getattr(model, "checkpoint_sha256", None)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        flow = load_model(None if model is None else os.fspath(model), device=str(device))
+        # load_model records where the weights came from; TBGMove stores that to reload them.
+        return flow, flow.checkpoint_path, flow.checkpoint_sha256
+    raise TypeError(f"model must be None (the shipped pretrained model), a checkpoint path or a flow model "
+                    f"(TransferableFlow, InternalCoordinateFlow: the families {sorted(FAMILIES)}), got "
+                    f"{type(model).__name__}.")

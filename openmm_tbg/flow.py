@@ -39,7 +39,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransferableFlow", "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
+__all__ = ["TransferableFlow", "ODEOptions", "DEFAULT_QUADRATURE_NODES", "default_tolerance", "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
            "divergence_hutchinson", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
 
 DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
@@ -60,6 +61,44 @@ _EXACT_CHUNK_ELEMENTS = 2**28
 # Largest (B, N, N, H) edge tensor, in elements, when the quadrature nodes are stacked into one batch for the
 # divergence (~128 MB in float32; a few such tensors are alive during the backward passes).
 _NODE_BATCH_ELEMENTS = 2**25
+
+#: Default Gauss-Legendre node count of the exact-divergence quadrature used by the sampler and TBGMove
+#: (``None``: the divergence is integrated at every solver stage, as in TBG). Chosen from the accuracy
+#: measured by ``benchmarks/sampling_speed.py`` (docs/performance.md).
+DEFAULT_QUADRATURE_NODES: Optional[int] = 16
+# dopri5 atol = rtol. The quadrature path solves for positions only, so 1e-5 costs ~1-2 % more than TBG's 1e-4
+# and cuts the worst single-sample log q error from ~0.3 to ~0.05 kT (benchmarks/batch_tolerance.py, AA, 32
+# samples). Without quadrature nodes the trace runs at every stage, so TBG's 1e-4 stays the default there.
+QUADRATURE_TOLERANCE = 1e-5
+TBG_TOLERANCE = 1e-4
+
+
+def default_tolerance(quadrature_nodes: Optional[int]) -> float:
+    """dopri5 atol = rtol used when none is given: 1e-5 with quadrature nodes, TBG's 1e-4 without."""
+    return QUADRATURE_TOLERANCE if quadrature_nodes else TBG_TOLERANCE
+
+
+@dataclass(frozen=True)
+class ODEOptions:
+    """Integration options of the CNF's `TransferableFlow.sample` / ``log_prob``, with the sampler's defaults.
+
+    ``atol``/``rtol`` None resolve to `default_tolerance` of ``quadrature_nodes``. The one place these
+    defaults live; `BoltzmannGeneratorSampler`, `TBGMove` and the CLI all go through it.
+    """
+
+    method: str = "dopri5"
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    step_size: Optional[float] = None
+    divergence: str = "exact"
+    quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES
+
+    def resolved(self) -> dict:
+        """Keyword arguments of `TransferableFlow.sample` / ``log_prob`` (tolerances filled in)."""
+        tol = default_tolerance(self.quadrature_nodes)
+        return {"method": self.method, "atol": float(tol if self.atol is None else self.atol),
+                "rtol": float(tol if self.rtol is None else self.rtol), "step_size": self.step_size,
+                "divergence": self.divergence, "quadrature_nodes": self.quadrature_nodes}
 
 
 def _hidden_width(vector_field: nn.Module) -> int:
@@ -212,7 +251,16 @@ class TransferableFlow(nn.Module):
         i.e. ``length_scale = 1/30`` nm; training picks it from the data's spread.
     prior_std : float
         Standard deviation of the isotropic Gaussian prior in internal units.
+
+    Notes
+    -----
+    Implements the `openmm_tbg.model.Flow` interface (family ``"egnn-cnf"``). An E(3)- and
+    permutation-equivariant field makes the density invariant under rotations, reflections and permutations
+    of interchangeable atoms, so mirrored and relabelled samples keep their weights.
     """
+
+    family = "egnn-cnf"
+    symmetries = frozenset({"rotation", "reflection", "permutation"})
 
     def __init__(self, vector_field: nn.Module, length_scale: float = 1.0 / 30.0, prior_std: float = 1.0):
         super().__init__()
@@ -311,6 +359,85 @@ class TransferableFlow(nn.Module):
         z = torch.randn(n, n_atoms, 3, generator=generator, dtype=self.dtype, device=gen_device)
         z = (z - z.mean(1, keepdim=True)) * self.prior_std
         return z.to(self.device)
+
+    # ------------------------------------------------------------------ flow interface
+    def condition(self, encoding: Any, bonds: Any = None) -> torch.Tensor:
+        """The ``(N, 3)`` token tensor of a molecule (the CNF does not use the bonds)."""
+        return self._as_tokens(encoding)
+
+    def check_supported(self, encoding: Any) -> None:
+        """Raise `UnsupportedTopologyError` if the vector field's vocabulary cannot encode ``encoding``."""
+        from .encoding import UnsupportedTopologyError
+
+        sizes = getattr(self.vector_field, "vocab_sizes", None)
+        n_residues = getattr(encoding, "n_residues", None)
+        if sizes is not None and n_residues is not None and n_residues > sizes[0]:
+            raise UnsupportedTopologyError(
+                f"This model supports peptides of at most {sizes[0]} residues, but {encoding.sequence!r} has "
+                f"{n_residues}. Use a model trained on peptides of that length (openmm-tbg train on MD data of "
+                f"such peptides, e.g. made with openmm-tbg simulate).")
+        try:
+            self._as_tokens(encoding)
+        except ValueError as error:
+            raise UnsupportedTopologyError(
+                f"This model cannot serve the peptide {getattr(encoding, 'sequence', '?')!r}: {error} Use a model "
+                f"trained on such peptides (openmm-tbg train on MD data that includes them).") from error
+
+    def sampling_options(self, **options: Any) -> dict:
+        """Checked ODE options (`ODEOptions` fields; ``ode_method`` is an alias of ``method``) with defaults."""
+        if "ode_method" in options:
+            options["method"] = options.pop("ode_method")
+        unknown = sorted(set(options) - set(ODEOptions.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"TransferableFlow: unknown sampling options {unknown}; the CNF takes "
+                             f"{sorted(ODEOptions.__dataclass_fields__)}.")
+        resolved = ODEOptions(**options).resolved()
+        self._check_solver(resolved["method"], resolved["atol"], resolved["rtol"], resolved["step_size"],
+                           resolved["divergence"])
+        self._check_quadrature(resolved["quadrature_nodes"])
+        return resolved
+
+    def integrate_positions(self, x0: torch.Tensor, tokens: Any, times: Any, *, method: str = "dopri5",
+                            atol: float = 1e-5, rtol: float = 1e-5, step_size: float | None = None
+                            ) -> tuple[torch.Tensor, int]:
+        """Integrate positions alone (no divergence) and return them at ``times``.
+
+        Parameters
+        ----------
+        x0 : torch.Tensor
+            ``(B, N, 3)`` internal (scaled) coordinates at ``times[0]``.
+        tokens : array-like or AtomEncoding
+        times : sequence of float
+            Monotonic times in [0, 1] (0 = prior, 1 = data).
+        method, atol, rtol, step_size
+            As in `sample`.
+
+        Returns
+        -------
+        xs : torch.Tensor
+            ``(len(times), B, N, 3)``.
+        nfe : int
+            Vector-field evaluations.
+        """
+        from torchdiffeq import odeint
+
+        tokens = self._as_tokens(tokens)
+        options = self._check_solver(method, atol, rtol, step_size, "exact")
+        t = torch.as_tensor(np.asarray(times, dtype=np.float64), dtype=x0.dtype, device=x0.device)
+        func = _PositionDynamics(self.vector_field, tokens)
+        with torch.no_grad():
+            xs = odeint(func, x0, t, method=method, atol=atol, rtol=rtol, options=options or None)
+        return xs, func.nfe
+
+    def divergence(self, t: torch.Tensor, x: torch.Tensor, tokens: Any, mode: str = "exact"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vector field and its exact divergence at ``(t, x)`` (internal units; ``mode`` "exact" or
+        "exact-loop")."""
+        if mode not in ("exact", "exact-loop"):
+            raise ValueError(f"TransferableFlow.divergence: mode must be 'exact' or 'exact-loop', got {mode!r}.")
+        func = _AugmentedDynamics(self.vector_field, self._as_tokens(tokens), mode, None,
+                                  self._chunk_size(x.shape[0], x.shape[1]))
+        return func.divergence_at(t, x)
 
     # ------------------------------------------------------------------ helpers
     def _as_tokens(self, tokens: Any) -> torch.Tensor:

@@ -17,14 +17,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Optional
+from collections import OrderedDict
+from typing import Optional, Union
 
 import numpy as np
 from openmm import unit
 from openmmtools import mcmc
 
-from .sampler import (DEFAULT_QUADRATURE_NODES, BoltzmannGeneratorSampler, _resolve_device, check_system,
-                      file_sha256, ode_options, resolve_model)
+from .checkpoint import file_sha256, load_model, resolve_model
+from .checks import check_system
+from .sampler import BoltzmannGeneratorSampler, given_flow_options, resolve_device, symmetry_options
+from .serialization import encoding_from_dict, encoding_to_dict
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -33,27 +36,21 @@ __all__ = ["TBGMove"]
 
 _STATISTICS = ("n_accepted", "n_proposed", "n_invalid", "n_non_finite_energy", "n_mirrored", "n_relabelled",
                "n_log_prob_evaluations")
-_ENCODING_ARRAYS = ("residue_index", "amino_acid", "atom_class")
-_ENCODING_TUPLES = ("atom_names", "residue_names", "elements")
-
-# Flows loaded by __setstate__, shared between the restored copies of a move (one per replica).
-_MODEL_CACHE: dict = {}
-
-
-def _encoding_to_dict(encoding) -> dict:
-    out = {k: np.asarray(getattr(encoding, k)).astype(int).tolist() for k in _ENCODING_ARRAYS}
-    out.update({k: list(getattr(encoding, k)) for k in _ENCODING_TUPLES})
-    out["masses"] = np.asarray(encoding.masses, dtype=float).tolist()
-    return out
+# Flows loaded by __setstate__, shared between the restored copies of a move (one per replica). Bounded: a
+# long-lived process that restores moves of many different models keeps only the most recent ones.
+_MODEL_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
+_MODEL_CACHE_SIZE = 4
 
 
-def _encoding_from_dict(d: dict):
-    from .encoding import AtomEncoding
-
-    kwargs = {k: np.asarray(d[k], dtype=np.int64) for k in _ENCODING_ARRAYS}
-    kwargs.update({k: tuple(d[k]) for k in _ENCODING_TUPLES})
-    kwargs["masses"] = np.asarray(d["masses"], dtype=np.float64)
-    return AtomEncoding(**kwargs)
+def _cached_model(path: str, sha: str, device: str):
+    key = (os.path.abspath(path), sha, device)
+    if key in _MODEL_CACHE:
+        _MODEL_CACHE.move_to_end(key)
+    else:
+        _MODEL_CACHE[key] = load_model(path, device=device).eval()
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+    return _MODEL_CACHE[key]
 
 
 class TBGMove(mcmc.MCMCMove):
@@ -61,7 +58,7 @@ class TBGMove(mcmc.MCMCMove):
 
     Parameters
     ----------
-    sampler_or_model : BoltzmannGeneratorSampler, TransferableFlow, str, path or None
+    sampler_or_model : BoltzmannGeneratorSampler, flow, str, path or None
         A sampler (its model, encoding, validity checks and ODE options are used), or a model as accepted by
         `BoltzmannGeneratorSampler` (None: the shipped model), which then needs ``topology``.
     topology : openmm.app.Topology, optional
@@ -77,8 +74,8 @@ class TBGMove(mcmc.MCMCMove):
     device : str
         Torch device for a model given by path (``"auto"``: CUDA when available).
     ode_method, atol, rtol, step_size, divergence, quadrature_nodes
-        Integration options (ignored when a sampler is given: its options are used). ``atol``/``rtol`` None:
-        as `BoltzmannGeneratorSampler` (1e-5 with quadrature nodes, 1e-4 without).
+        CNF integration options (ignored when a sampler is given: its options are used); None / "default":
+        the family's defaults, as in `BoltzmannGeneratorSampler`. One-pass families refuse them.
     check_bonds, check_chirality, bond_factor
         Validity options (ignored when a sampler is given).
 
@@ -97,9 +94,10 @@ class TBGMove(mcmc.MCMCMove):
     """
 
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
-                 buffer_size: int = 64, seed: Optional[int] = None, device="auto", ode_method: str = "dopri5",
-                 atol: Optional[float] = None, rtol: Optional[float] = None, step_size: Optional[float] = None,
-                 divergence: str = "exact", quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES,
+                 buffer_size: int = 64, seed: Optional[int] = None, device="auto",
+                 ode_method: Optional[str] = None, atol: Optional[float] = None, rtol: Optional[float] = None,
+                 step_size: Optional[float] = None, divergence: Optional[str] = None,
+                 quadrature_nodes: Union[int, None, str] = "default",
                  check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3):
         super().__init__()
         from .encoding import encode_topology
@@ -123,9 +121,11 @@ class TBGMove(mcmc.MCMCMove):
                 raise ValueError("TBGMove needs the topology (for its bonds) as well as the encoding.")
             if encoding is None:
                 encoding = encode_topology(topology)
-            flow, path, sha = resolve_model(sampler_or_model, _resolve_device(device))
+            flow, path, sha = resolve_model(sampler_or_model, resolve_device(device))
+            flow.check_supported(encoding)  # refuse here, not inside the first apply()
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
-            ode = ode_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes)
+            ode = flow.sampling_options(
+                **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes))
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                         "bond_factor": float(bond_factor)}
         seed_seq = np.random.SeedSequence(seed)
@@ -141,14 +141,16 @@ class TBGMove(mcmc.MCMCMove):
         self.model_sha256 = sha
         self.encoding = encoding
         self.bonds = [tuple(int(i) for i in b) for b in bonds]
-        self.ode_options = ode
+        self.flow_options = ode
         self.validity_options = validity
         self.n_attempts = n_attempts
         self.buffer_size = buffer_size
         self._seed_seq = seed_seq
         self._statistics = dict(statistics)
         self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
-        self.checker = ValidityChecker.from_bonds(self.bonds, encoding, **validity)
+        self.context = flow.condition(encoding, self.bonds)
+        # Mirror / relabel proposals only if the model's density has that symmetry (else they are rejected).
+        self.checker = ValidityChecker.from_bonds(self.bonds, encoding, **validity, **symmetry_options(flow))
         torch_seed, np_seed = seed_seq.spawn(2)
         self._torch_generator = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> 1))
         self._rng = np.random.default_rng(np_seed)
@@ -170,6 +172,11 @@ class TBGMove(mcmc.MCMCMove):
         self._statistics = {k: 0 for k in _STATISTICS}
 
     @property
+    def ode_options(self) -> dict:
+        """The flow's sampling options (for the CNF: its ODE options); alias of ``flow_options``."""
+        return self.flow_options
+
+    @property
     def acceptance_rate(self) -> float:
         """Accepted / proposed (NaN before the first proposal)."""
         n = self._statistics["n_proposed"]
@@ -177,8 +184,8 @@ class TBGMove(mcmc.MCMCMove):
 
     # ---------------------------------------------------------------------------------------- proposals
     def _refill(self) -> None:
-        x, log_q = self.flow.sample(self.tokens, self.buffer_size, generator=self._torch_generator,
-                                    batch_size=self.buffer_size, progress=False, **self.ode_options)
+        x, log_q = self.flow.sample(self.context, self.buffer_size, generator=self._torch_generator,
+                                    batch_size=self.buffer_size, progress=False, **self.flow_options)
         x = x.detach().double().cpu().numpy()
         log_q = log_q.detach().double().cpu().numpy()
         report = self.checker(x, rng=self._rng)
@@ -193,7 +200,7 @@ class TBGMove(mcmc.MCMCMove):
     def _log_q(self, x: np.ndarray) -> float:
         if self._cache is not None and np.array_equal(self._cache[0], x):
             return self._cache[1]
-        lq = float(self.flow.log_prob(x[None], self.tokens, batch_size=1, **self.ode_options)[0])
+        lq = float(self.flow.log_prob(x[None], self.context, batch_size=1, **self.flow_options)[0])
         self._statistics["n_log_prob_evaluations"] += 1
         self._cache = (x.copy(), lq)
         return lq
@@ -217,6 +224,7 @@ class TBGMove(mcmc.MCMCMove):
             Modified in place when a proposal is accepted (velocities are kept).
         context_cache : openmmtools.cache.ContextCache, optional
         """
+        x_old = self._current_positions(sampler_state)  # before any OpenMM call sees NaN positions
         context_cache = self._get_context_cache(context_cache)
         context, _ = context_cache.get_context(thermodynamic_state)
         self._check_state(thermodynamic_state, context)
@@ -225,7 +233,6 @@ class TBGMove(mcmc.MCMCMove):
         if not np.isfinite(u_old):
             raise ValueError(f"TBGMove: the current state's reduced potential is {u_old}, so no proposal could "
                              "ever be accepted. Start from a finite-energy (e.g. minimized) structure.")
-        x_old = np.array(sampler_state.positions.value_in_unit(unit.nanometer), dtype=np.float64)
         centre = x_old.mean(axis=0)
         accepted = False
         for _ in range(self.n_attempts):
@@ -252,6 +259,24 @@ class TBGMove(mcmc.MCMCMove):
             sampler_state.positions = unit.Quantity(x_old, unit.nanometer)
         sampler_state.apply_to_context(context, ignore_velocities=True)
 
+    def _current_positions(self, sampler_state) -> np.ndarray:
+        """The sampler state's positions (nm), refusing a wrong atom count or non-finite coordinates."""
+        positions = getattr(sampler_state, "positions", None)
+        if positions is None:
+            raise ValueError("TBGMove: the SamplerState has no positions; create it with "
+                             "openmmtools.states.SamplerState(positions).")
+        x = np.array(positions.value_in_unit(unit.nanometer) if unit.is_quantity(positions) else positions,
+                     dtype=np.float64)
+        if x.shape != (self.encoding.n_atoms, 3):
+            raise ValueError(f"TBGMove: the SamplerState has positions of shape {x.shape}, but the move's peptide "
+                             f"has {self.encoding.n_atoms} atoms; use the move with the System it was built for.")
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(bad):
+            raise ValueError(f"TBGMove: the current state has NaN or infinite coordinates ({len(bad)} atoms, e.g. "
+                             f"atom {bad[0]}), so its energy is undefined. A preceding move probably blew up: "
+                             f"use a smaller MD timestep or minimize the structure before sampling.")
+        return x
+
     # ---------------------------------------------------------------------------------------- copies
     def __deepcopy__(self, memo):
         """A copy that shares the flow (read-only) but has its own RNG streams and proposal buffer."""
@@ -259,7 +284,7 @@ class TBGMove(mcmc.MCMCMove):
         mcmc.MCMCMove.__init__(new)
         child = self._seed_seq.spawn(1)[0]
         new._init(self.flow, self.model_path, self.model_sha256, self.encoding, copy.deepcopy(self.bonds),
-                  copy.deepcopy(self.ode_options), copy.deepcopy(self.validity_options), self.n_attempts,
+                  copy.deepcopy(self.flow_options), copy.deepcopy(self.validity_options), self.n_attempts,
                   self.buffer_size, child, self._statistics)
         return new
 
@@ -273,9 +298,10 @@ class TBGMove(mcmc.MCMCMove):
         return {
             "model_path": str(self.model_path),
             "model_sha256": str(self.model_sha256),
-            "encoding": _encoding_to_dict(self.encoding),
+            "encoding": encoding_to_dict(self.encoding),
             "bonds": [list(b) for b in self.bonds],
-            "ode_options": {k: v for k, v in self.ode_options.items()},
+            "device": str(self.flow.device),
+            "ode_options": {k: v for k, v in self.flow_options.items()},
             "validity_options": dict(self.validity_options),
             "n_attempts": int(self.n_attempts),
             "buffer_size": int(self.buffer_size),
@@ -285,8 +311,6 @@ class TBGMove(mcmc.MCMCMove):
         }
 
     def __setstate__(self, state: dict) -> None:
-        from .checkpoint import load_model
-
         mcmc.MCMCMove.__init__(self)
         path, sha = state["model_path"], state["model_sha256"]
         if not os.path.exists(path):
@@ -296,16 +320,23 @@ class TBGMove(mcmc.MCMCMove):
         if actual != sha:
             raise ValueError(f"TBGMove: the checkpoint {path} has sha256 {actual}, but the move was stored with "
                              f"{sha}: the file changed since. Restore the original checkpoint to continue.")
-        device = str(_resolve_device("auto"))
-        key = (os.path.abspath(path), sha, device)
-        if key not in _MODEL_CACHE:
-            flow = load_model(path, device=device)
-            flow.eval()
-            _MODEL_CACHE[key] = flow
+        device = self._restore_device(state.get("device", "auto"))
+        flow = _cached_model(path, sha, device)
         stats = state.get("statistics", {})
         # Continue with a different stream than before (mix in how far the chain has gone).
         seed_seq = np.random.SeedSequence(int(state["seed"]), spawn_key=tuple(state.get("spawn_key", ())) +
                                           (int(stats.get("n_proposed", 0)),))
-        self._init(_MODEL_CACHE[key], path, sha, _encoding_from_dict(state["encoding"]), state["bonds"],
+        self._init(flow, path, sha, encoding_from_dict(state["encoding"]), state["bonds"],
                    dict(state["ode_options"]), dict(state["validity_options"]), int(state["n_attempts"]),
                    int(state["buffer_size"]), seed_seq, stats)
+
+    @staticmethod
+    def _restore_device(stored: str) -> str:
+        """The device the move was built on, or the CPU (with a warning) where that device is missing."""
+        import torch
+
+        device = str(resolve_device(stored))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("TBGMove was stored on %s, which this machine lacks; restoring it on the CPU.", device)
+            return "cpu"
+        return device

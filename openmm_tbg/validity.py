@@ -15,6 +15,12 @@ A flow sample is only a sample of the intended molecule if
    *all* inverted is the mirror image and is mirrored back (x -> -x: same density, same energy); a sample with
    some, but not all, centres inverted is a different stereoisomer and is rejected.
 
+Both repairs keep a sample's importance weight only because the EGNN CNF's density is invariant under
+permutations of interchangeable atoms and under reflection. A model family without those symmetries (e.g. the
+internal-coordinate flow) builds the checker with ``relabel=False`` / ``mirror=False``: then a sample that
+matches only after relabelling is rejected as ``"relabelling"`` and a fully inverted one as ``"mirror_image"``.
+The sampler and `TBGMove` read this from the model's declared ``symmetries``.
+
 Everything is counted: rejections by reason, mirrored and relabelled samples.
 """
 
@@ -36,8 +42,9 @@ COVALENT_RADII_NM = {
     "Br": 0.120, "I": 0.139, "Se": 0.120, "B": 0.084, "Si": 0.111,
 }
 
-#: Reasons a sample can be rejected, in the order they are checked.
-REJECTION_REASONS = ("non_finite_positions", "bond_graph", "chirality")
+#: Reasons a sample can be rejected, in the order they are checked. "relabelling" and "mirror_image" occur only
+#: when the checker may not relabel / mirror (the model's density lacks that symmetry).
+REJECTION_REASONS = ("non_finite_positions", "bond_graph", "relabelling", "chirality", "mirror_image")
 
 
 @dataclass
@@ -97,6 +104,12 @@ class ValidityChecker:
         Switch the two checks off (e.g. for toy systems whose "atoms" are not chemical atoms).
     centers : numpy.ndarray, optional
         int (k, 4) chiral centres ``[center, a, b, c]``; default ``encoding.chiral_centers(encoding)``.
+    mirror : bool
+        Mirror samples whose chiral centres are all inverted (valid only if the model's density is
+        reflection-invariant); False rejects them as ``"mirror_image"``.
+    relabel : bool
+        Relabel interchangeable atoms to match the bond graph (valid only if the density is invariant under
+        those permutations); False rejects such samples as ``"relabelling"``.
 
     Attributes
     ----------
@@ -105,7 +118,8 @@ class ValidityChecker:
     """
 
     def __init__(self, topology, encoding, reference_positions=None, *, bond_factor: float = 1.3,
-                 check_bonds: bool = True, check_chirality: bool = True, centers: Optional[np.ndarray] = None):
+                 check_bonds: bool = True, check_chirality: bool = True, centers: Optional[np.ndarray] = None,
+                 mirror: bool = True, relabel: bool = True):
         if topology is None:
             bonds = []
         else:
@@ -114,6 +128,7 @@ class ValidityChecker:
                                  f"{encoding.n_atoms}; encode this topology with encode_topology(topology).")
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
         self._setup(bonds, encoding, reference_positions, bond_factor, check_bonds, check_chirality, centers)
+        self.mirror, self.relabel = bool(mirror), bool(relabel)
 
     @classmethod
     def from_bonds(cls, bonds: Iterable[tuple[int, int]], encoding, reference_positions=None, **kwargs
@@ -127,6 +142,7 @@ class ValidityChecker:
         self._setup([(int(i), int(j)) for i, j in bonds], encoding, reference_positions,
                     kwargs.pop("bond_factor", 1.3), kwargs.pop("check_bonds", True),
                     kwargs.pop("check_chirality", True), kwargs.pop("centers", None))
+        self.mirror, self.relabel = bool(kwargs.pop("mirror", True)), bool(kwargs.pop("relabel", True))
         signs = kwargs.pop("expected_signs", None)
         if signs is not None:
             signs = np.asarray(signs, dtype=np.float64).reshape(-1)
@@ -323,6 +339,8 @@ class ValidityChecker:
                 perm = self._match(adj[k])
                 if perm is None:
                     reasons[i] = "bond_graph"
+                elif not self.relabel:
+                    reasons[i] = "relabelling"  # the density is not permutation invariant: no free relabelling
                 else:
                     if rng is not None:
                         perm = perm[self.random_automorphism(rng)]
@@ -338,8 +356,11 @@ class ValidityChecker:
             natural = (signs > 0).all(axis=1)
             inverted = (signs < 0).all(axis=1)
             flip = todo[inverted]
-            x[flip] *= -1.0  # the mirror image: same flow density, same energy
-            mirrored[flip] = True
+            if self.mirror:
+                x[flip] *= -1.0  # the mirror image: same flow density, same energy
+                mirrored[flip] = True
+            else:
+                reasons[flip] = "mirror_image"  # the density is not reflection invariant
             reasons[todo[~natural & ~inverted]] = "chirality"
 
         report = ValidityReport(positions=x, valid=reasons == "", reasons=reasons, mirrored=mirrored,

@@ -146,8 +146,27 @@ def test_incompatible_files_are_refused(saved, tmp_path):
 def test_stored_format_matches_the_contract(saved):
     _, path, _ = saved
     payload = torch.load(path, weights_only=True)
-    assert set(payload) == {"format", "format_version", "encoding_version", "flow_config", "state_dict", "metadata"}
+    assert set(payload) == {"format", "format_version", "encoding_version", "family", "flow_config", "state_dict",
+                            "metadata"}
     assert payload["format"] == "openmm_tbg.checkpoint" and payload["format_version"] == 1
+    assert payload["family"] == "egnn-cnf"
+
+
+def test_checkpoint_without_family_loads_as_a_cnf(saved, tmp_path):
+    """Files written before model families existed have no "family" entry; they are EGNN CNFs."""
+    flow, path, _ = saved
+    payload = torch.load(path, weights_only=True)
+    del payload["family"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    loaded = load_model(old)
+    assert loaded.family == "egnn-cnf"
+    for key, value in flow.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.cpu())
+    payload["family"] = "no-such-family"
+    torch.save(payload, old)
+    with pytest.raises(CheckpointError, match="family 'no-such-family'"):
+        load_model(old)
     assert payload["encoding_version"] == ENCODING_VERSION
     assert payload["metadata"] == {"steps": 10, "losses": [1.0, 0.5], "note": None}
 

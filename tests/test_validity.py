@@ -42,7 +42,7 @@ def test_valid_structure_passes_unchanged(valine_peptide):
     report = checker(x)
     assert report.valid.tolist() == [True]
     np.testing.assert_array_equal(report.positions[0], x)
-    assert report.counts == {"n": 1, "valid": 1, "non_finite_positions": 0, "bond_graph": 0, "chirality": 0,
+    assert report.counts == {"n": 1, "valid": 1, "non_finite_positions": 0, "bond_graph": 0, "relabelling": 0, "chirality": 0, "mirror_image": 0,
                              "mirrored": 0, "relabelled": 0}
 
 

@@ -1,0 +1,67 @@
+"""Input checks shared by the sampler and `TBGMove`: Systems and positions the flows cannot sample exactly."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import openmm
+from openmm import unit
+
+__all__ = ["check_system", "check_positions"]
+
+
+def check_system(system: openmm.System, n_atoms: Optional[int] = None, *, what: str = "System") -> None:
+    """Refuse Systems the flow cannot sample, with a message naming the cause and the fix.
+
+    Parameters
+    ----------
+    system : openmm.System
+    n_atoms : int, optional
+        Number of atoms in the Topology; the System must have as many particles.
+    what : str
+        How to call the System in messages.
+
+    Raises
+    ------
+    TypeError, ValueError
+    """
+    if not isinstance(system, openmm.System):
+        raise TypeError(f"The {what} must be an openmm.System, got {type(system).__name__}; create it with "
+                        f"openmm.app.ForceField.createSystem(topology, ...) or openmm_tbg.build_peptide().")
+    barostats = [f.__class__.__name__ for f in system.getForces() if "Barostat" in f.__class__.__name__]
+    if barostats:
+        raise ValueError(f"The {what} contains {', '.join(barostats)} (constant pressure). The flow samples a "
+                         f"single molecule at constant volume in implicit solvent; remove the barostat.")
+    if system.usesPeriodicBoundaryConditions():
+        raise ValueError(f"The {what} uses periodic boundary conditions. The flow samples a single molecule in "
+                         f"vacuum or implicit solvent; create the System with nonbondedMethod=NoCutoff or "
+                         f"CutoffNonPeriodic (e.g. openmm_tbg.peptides.create_system).")
+    if system.getNumConstraints() > 0:
+        raise ValueError(f"The {what} has {system.getNumConstraints()} constraints, but the flow samples all "
+                         f"bond lengths freely, so constrained Boltzmann weights would be wrong. Create it with "
+                         f"constraints=None and rigidWater=False.")
+    virtual = [i for i in range(system.getNumParticles()) if system.isVirtualSite(i)]
+    if virtual:
+        raise ValueError(f"The {what} has {len(virtual)} virtual site(s) (e.g. particle {virtual[0]}); the flow "
+                         f"only places real atoms. Use a force field without virtual sites (e.g. amber14-all "
+                         f"with implicit solvent).")
+    if n_atoms is not None and system.getNumParticles() != n_atoms:
+        raise ValueError(f"The {what} has {system.getNumParticles()} particles but the Topology has {n_atoms} "
+                         f"atoms; create the System from the same Topology (ForceField.createSystem(topology)).")
+
+
+def check_positions(positions, n_atoms: int, *, what: str = "positions") -> np.ndarray:
+    """Return positions as a float64 array (n_atoms, 3) or (n, n_atoms, 3) in nm, refusing NaN and bad shapes."""
+    if unit.is_quantity(positions):
+        if not positions.unit.is_compatible(unit.nanometer):
+            raise TypeError(f"{what} have units of {positions.unit}, not lengths; pass nm or a length Quantity.")
+        positions = positions.value_in_unit(unit.nanometer)
+    x = np.asarray(positions, dtype=np.float64)
+    if x.shape[-2:] != (n_atoms, 3) or x.ndim not in (2, 3):
+        raise ValueError(f"{what} must have shape ({n_atoms}, 3) or (n, {n_atoms}, 3) in nm, got {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values; pass finite coordinates (e.g. from a PDB file "
+                         f"or a minimized structure).")
+    return x
+
