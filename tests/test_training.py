@@ -249,6 +249,21 @@ def test_resume_continues_exactly(tmp_path, train_trajectories):
                        resume=True, progress=False)
 
 
+def test_resume_leaves_the_callers_global_rng_states_alone(tmp_path, train_trajectories):
+    import random
+
+    cfg = TrainingConfig(steps=4, lr=2e-3, **TINY)
+    training.train(train_trajectories, tmp_path / "m.pt", cfg, until_step=2, progress=False)
+    # The caller's own streams, different from whatever the interrupted run saved in its resume file.
+    torch.manual_seed(987654)
+    random.seed(13)
+    torch_before, python_before = torch.get_rng_state(), random.getstate()
+    resumed = training.train(train_trajectories, tmp_path / "m.pt", cfg, resume=True, progress=False)
+    assert resumed.step == 4
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    assert random.getstate() == python_before
+
+
 def test_init_from_continues_a_saved_model(tmp_path, train_trajectories):
     from openmm_tbg.checkpoint import CheckpointError, load_model
 
@@ -314,10 +329,20 @@ def _ddp_worker(rank: int, world: int, port: int, data_dir: str, names: list[str
     from openmm_tbg.data import load_dataset
 
     trajs = load_dataset(data_dir, names=names, max_frames=50, progress=False)
+    # Record every batch this rank draws: (peptide, frame) pairs, in order.
+    drawn = []
+    original_sample = PeptideBatchSampler.sample
+
+    def recording_sample(self):
+        batch = original_sample(self)
+        drawn.append(np.stack([batch.peptide_index, batch.frame_index], axis=1))
+        return batch
+
+    PeptideBatchSampler.sample = recording_sample
     cfg = TrainingConfig(steps=6, lr=2e-3, **TINY)
     result = training.train(trajs, os.path.join(out_dir, "ddp.pt"), cfg, progress=False)
-    torch.save({"state": result.flow.state_dict(), "losses": result.losses, "path": result.model_path},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"state": result.flow.state_dict(), "losses": result.losses, "path": result.model_path,
+                "drawn": np.stack(drawn)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_gloo_two_processes(fixture_dir, tmp_path, train_trajectories):
@@ -336,7 +361,7 @@ def test_ddp_gloo_two_processes(fixture_dir, tmp_path, train_trajectories):
     np.testing.assert_array_equal(r0["losses"], r1["losses"])  # the logged loss is averaged over ranks
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
-    # The ranks draw different batches.
-    b0 = PeptideBatchSampler(train_trajectories, 8, make_generators(0, 0)[0]).sample()
-    b1 = PeptideBatchSampler(train_trajectories, 8, make_generators(0, 1)[0]).sample()
-    assert not np.array_equal(b0.frame_index, b1.frame_index)
+    # The ranks drew different batches: as reported by the ranks themselves, one batch per step.
+    assert r0["drawn"].shape == r1["drawn"].shape == (6, TINY["batch_size"], 2)
+    for step in range(6):
+        assert not np.array_equal(r0["drawn"][step], r1["drawn"][step]), step

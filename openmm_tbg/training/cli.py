@@ -1,0 +1,106 @@
+"""``openmm-tbg train``: command-line options, the configuration they give, and the entry point.
+
+    openmm-tbg train --data DIR --out model.pt --steps 20000 --batch-size 32 --layers 5 --hidden 64 --coupling ot
+    torchrun --nproc_per_node 4 -m openmm_tbg.cli train --data DIR --out model.pt ...   # 4 GPUs
+    openmm-tbg train --data DIR --out model.pt --resume                                 # continue exactly
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..data.splits import load_training_data
+from .config import COUPLINGS, TrainingConfig
+from .loop import train
+from .resume import read_resume_file, resume_path
+
+_CLI_TO_CONFIG = {
+    "steps": "steps", "batch_size": "batch_size", "layers": "n_layers", "hidden": "hidden", "lr": "lr",
+    "coupling": "coupling", "device": "device", "seed": "seed", "checkpoint_every": "checkpoint_every",
+    "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay",
+    "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
+}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``openmm-tbg train`` options to ``parser``."""
+    d = TrainingConfig()
+    parser.description = "Train a transferable Boltzmann generator by conditional flow matching."
+    parser.add_argument("--data", required=True, help="data-set directory (XY.pdb + XY.npz [+ splits.json])")
+    parser.add_argument("--split", default="train",
+                        help="split to train on (default: train; 'all' = every non-test peptide; 'test' is refused)")
+    parser.add_argument("--peptides", nargs="+", default=None, metavar="XY",
+                        help="train only on these peptides (within --split)")
+    parser.add_argument("--out", required=True, help="model file to write (the resume file is <out>.resume.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if it exists")
+    parser.add_argument("--init-from", default=None, metavar="MODEL",
+                        help="start from this model's weights ('default' = the shipped model): train it further, or "
+                             "fine-tune it on your own peptides; its architecture and length scale are kept, the "
+                             "optimiser starts fresh")
+    parser.add_argument("--stride", type=int, default=1, help="use every K-th frame (default: 1)")
+    parser.add_argument("--max-frames", type=int, default=None, help="at most M frames per peptide")
+    parser.add_argument("--until-step", type=int, default=None,
+                        help="stop after this many steps in all (continue later with --resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Config options default to None: unset options come from the resume file or TrainingConfig's defaults.
+    parser.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default: {d.steps})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"frames per step (default: {d.batch_size})")
+    parser.add_argument("--layers", type=int, default=None, help=f"EGNN layers (default: {d.n_layers})")
+    parser.add_argument("--hidden", type=int, default=None, help=f"EGNN width (default: {d.hidden})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {d.lr})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps (default: {d.warmup_steps})")
+    parser.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({d.weight_decay})")
+    parser.add_argument("--grad-clip", type=float, default=None, help=f"max gradient norm, 0 = off ({d.grad_clip})")
+    parser.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay, 0 = off ({d.ema_decay})")
+    parser.add_argument("--coupling", choices=COUPLINGS, default=None, help=f"x0-x1 coupling ({d.coupling})")
+    parser.add_argument("--ot-iterations", type=int, default=None, help=f"OT rounds ({d.ot_iterations})")
+    parser.add_argument("--sigma", type=float, default=None, help=f"path width, internal units ({d.sigma})")
+    parser.add_argument("--length-scale", type=float, default=None,
+                        help="nm per internal unit (default: RMS of the centred training coordinates)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed ({d.seed})")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help=f"checkpoint interval in steps, 0 = only at the end ({d.checkpoint_every})")
+    parser.add_argument("--log-every", type=int, default=None, help=f"log interval in steps ({d.log_every})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """TrainingConfig from parsed CLI options; with ``--resume`` unset options come from the resume file."""
+    base = TrainingConfig()
+    rpath = resume_path(args.out)
+    if args.resume and os.path.exists(rpath):
+        base = TrainingConfig.from_dict(read_resume_file(rpath)["config"])
+    values = base.to_dict()
+    for arg, key in _CLI_TO_CONFIG.items():
+        given = getattr(args, arg, None)
+        if given is not None:
+            values[key] = given
+    return TrainingConfig.from_dict(values)
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    """Entry point of ``openmm-tbg train``; returns the process exit code."""
+    if args.init_from == "default":
+        from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+
+        args.init_from = str(DEFAULT_MODEL_PATH)
+    if args.init_from is not None:
+        fixed = (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
+        clash = [opt for opt, arg in fixed if getattr(args, arg, None) is not None]
+        if clash:
+            raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
+                             "fixes the architecture and length scale; drop them.")
+    config = config_from_args(args)
+    progress = not args.no_progress
+    split = None if args.split in ("", "none", "all") else args.split
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    trajectories = load_training_data(args.data, split=split, names=args.peptides, stride=args.stride,
+                                      max_frames=args.max_frames, progress=progress and main_rank)
+    result = train(trajectories, args.out, config, data_dir=args.data, resume=args.resume,
+                   until_step=args.until_step, progress=progress, init_from=args.init_from)
+    if result.model_path is not None:
+        tail = result.losses[-min(100, len(result.losses)):]
+        print(f"Wrote {result.model_path} (sha256 {result.sha256}) after {result.step} steps, "
+              f"{result.wall_time_s:.0f} s; mean loss of the last {len(tail)} steps {tail.mean():.4f}.")
+    return 0

@@ -1,0 +1,106 @@
+"""The model a run trains: building it, starting it from a saved model (``init_from``), its EMA, and the copy
+that is saved."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters and buffers."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def build_flow(config: TrainingConfig, length_scale: float, max_residues: int):
+    """A fresh :class:`TransferableFlow` with an EGNN vector field of the configured size."""
+    from openmm_tbg.flow import TransferableFlow
+    from openmm_tbg.nn.egnn import EGNNVectorField
+
+    vf = EGNNVectorField(n_layers=config.n_layers, hidden=config.hidden, max_residues=max_residues,
+                         attention=config.attention)
+    return TransferableFlow(vf, length_scale=length_scale, prior_std=config.prior_std)
+
+
+def initial_flow(config: TrainingConfig, init_state: dict[str, torch.Tensor] | None = None):
+    """The flow a run starts from: identical weights on every rank (seeded with ``config.seed`` without
+    touching the caller's global RNG), or the weights of a parent model when ``init_state`` is given."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        flow = build_flow(config, config.length_scale, config.max_residues)
+    if init_state is not None:
+        flow.vector_field.load_state_dict(init_state)
+    return flow
+
+
+def load_parent(path: str | os.PathLike, config: TrainingConfig,
+                 trajectories: Sequence[Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load the model that starts a run; adopt its architecture into ``config`` (in place).
+
+    Returns the parent's description for the metadata and its vector-field weights.
+    """
+    from openmm_tbg.checkpoint import load_model
+
+    path = os.fspath(path)
+    parent_flow = load_model(path)  # CheckpointError names a missing, corrupt or incompatible file
+    vf_config = getattr(parent_flow.vector_field, "config", None)
+    if not isinstance(vf_config, dict) or "n_layers" not in vf_config:
+        raise ValueError(f"{path} does not hold an EGNN vector field; only EGNN models can be trained further.")
+    needed = max(int(t.encoding.n_residues) for t in trajectories)
+    if needed > vf_config["max_residues"]:
+        raise ValueError(f"{path} encodes at most {vf_config['max_residues']} residues, but the training data "
+                         f"has peptides of {needed}; train a new model instead of starting from this one.")
+    adopted = {"n_layers": vf_config["n_layers"], "hidden": vf_config["hidden"],
+               "attention": vf_config["attention"], "max_residues": vf_config["max_residues"],
+               "length_scale": parent_flow.length_scale, "prior_std": parent_flow.prior_std}
+    changed = {k: (getattr(config, k), v) for k, v in adopted.items()
+               if getattr(config, k) is not None and getattr(config, k) != v}
+    if changed:
+        logger.info("Adopting the architecture of %s: %s.", path,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    for k, v in adopted.items():
+        setattr(config, k, v)
+    training = (parent_flow.checkpoint_metadata or {}).get("training") or {}
+    parent = {
+        "path": parent_flow.checkpoint_path,
+        "sha256": parent_flow.checkpoint_sha256,
+        "steps": training.get("steps"),
+        "wall_time_s": training.get("wall_time_s"),
+        "init_from": training.get("init_from"),
+        "upgraded_from": (parent_flow.checkpoint_metadata or {}).get("upgraded_from"),
+    }
+    return parent, {k: v.detach().clone() for k, v in parent_flow.vector_field.state_dict().items()}
+
+
+def flow_for_saving(flow: torch.nn.Module, vector_field: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
+    """A CPU copy of the flow carrying the EMA weights when enabled (the training copy is left untouched)."""
+    saved = copy.deepcopy(flow).cpu()
+    if ema is not None:
+        saved.vector_field.load_state_dict({k: v.cpu() for k, v in ema.state_dict().items()})
+    return saved
