@@ -22,7 +22,7 @@ LOW_ESS_SAMPLES = 10.0
 #: `SampleResult.resample` warns when it is asked for more than this many times the effective sample size.
 RESAMPLE_ESS_MARGIN = 2.0
 
-_REMEDIES = ("draw more proposals (a larger n in sample(n)), use a better-trained model, or run "
+_REMEDIES = ("draw more proposals (sample(n) with a larger n, or --samples), use a better-trained model, or run "
              "sample(n, method='metropolis') or TBGMove next to MD for correlated but exact samples")
 
 
@@ -207,7 +207,7 @@ class SampleResult:
                 f"{100.0 * self.ess:.2f} % x {self.n_proposals} proposals), so the {k} frames hold only "
                 f"{out.n_distinct} distinct configuration{'s' if out.n_distinct != 1 else ''}, most of them "
                 f"repeated. To get more independent configurations, {_REMEDIES}; or resample at most "
-                f"~{max(1, int(np.floor(n_eff)))} frames.", SampleSizeWarning, stacklevel=2)
+                f"~{max(1, int(np.floor(n_eff)))} frame{'s' if n_eff >= 2 else ''}.", SampleSizeWarning, stacklevel=2)
         return out
 
     def save(self, path: Union[str, os.PathLike]) -> None:

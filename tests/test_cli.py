@@ -46,10 +46,130 @@ def test_missing_module_and_missing_hooks(monkeypatch, capsys):
 def test_command_table_matches_contract():
     assert {k: v[0] for k, v in cli.COMMANDS.items()} == {
         "simulate": "openmm_tbg.data", "train": "openmm_tbg.training",
-        "sample": "openmm_tbg.sampler", "evaluate": "openmm_tbg.evaluation"}
+        "sample": "openmm_tbg.sample_command", "evaluate": "openmm_tbg.evaluation"}
 
 
 def test_bad_argument_exit_code():
     proc = subprocess.run([sys.executable, "-m", "openmm_tbg.cli", "simulate", "AA", "--out", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--ns" in proc.stderr
+
+
+# ------------------------------------------------------------------------ errors as one line (issue item 5)
+def _raising_command(monkeypatch, exc):
+    """Register a command 'boom' whose run_from_cli raises ``exc``."""
+    import types
+
+    module = types.ModuleType("openmm_tbg_test_boom")
+    module.configure_parser = lambda parser: None
+
+    def run_from_cli(args):
+        raise exc
+
+    module.run_from_cli = run_from_cli
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "boom", (module.__name__, "raises"))
+
+
+def _known_errors():
+    from openmm_tbg.checkpoint import CheckpointError
+    from openmm_tbg.data.reading import DatasetError
+    from openmm_tbg.data.splits import TestSplitError
+    from openmm_tbg.encoding import UnsupportedTopologyError
+
+    return [UnsupportedTopologyError("residue XYZ is not supported; use a model trained on it."),
+            CheckpointError("model.pt is not a valid openmm_tbg checkpoint."),
+            DatasetError("no XY.npz in data/; run openmm-tbg simulate first."),
+            TestSplitError("HT is a test peptide; pass --split train."),
+            ValueError("--samples must be a positive integer, got 0."),
+            TypeError("model must be None or a path."),
+            FileNotFoundError("x.pdb does not exist; pass the path of a PDB file.")]
+
+
+def test_known_errors_are_one_line_with_status_2(monkeypatch, capsys):
+    for exc in _known_errors():
+        _raising_command(monkeypatch, exc)
+        assert cli.main(["boom"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"openmm-tbg: error: {exc}\n", type(exc).__name__
+        assert "Traceback" not in captured.err + captured.out
+
+
+def test_verbose_shows_the_traceback(monkeypatch, capsys):
+    exc = _known_errors()[1]
+    _raising_command(monkeypatch, exc)
+    for argv in (["-v", "boom"], ["boom", "-v"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback") and "CheckpointError" in err
+        assert err.endswith(f"openmm-tbg: error: {exc}\n")
+
+
+def test_os_errors_lose_the_errno_prefix(monkeypatch, capsys):
+    _raising_command(monkeypatch, FileNotFoundError(2, "No such file or directory", "x.pdb"))
+    assert cli.main(["boom"]) == 2
+    assert capsys.readouterr().err == "openmm-tbg: error: No such file or directory: 'x.pdb'\n"
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    _raising_command(monkeypatch, RuntimeError("internal"))
+    with pytest.raises(RuntimeError, match="internal"):
+        cli.main(["boom"])
+
+
+def test_version(capsys):
+    from openmm_tbg import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"openmm-tbg {__version__}"
+
+
+def test_real_errors_from_the_sample_command(tmp_path):
+    """Bad sequence (ValueError), unreadable checkpoint (CheckpointError), missing PDB: one line each."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(1024))
+    cases = [(["--sequence", "AX"], "not standard amino acids"),
+             (["--sequence", "AA", "--model", str(garbage)], "is not a valid openmm_tbg checkpoint"),
+             (["--pdb", str(tmp_path / "missing.pdb")], "does not exist")]
+    for extra, expected in cases:
+        proc = subprocess.run([sys.executable, "-m", "openmm_tbg.cli", "sample", *extra, "--samples", "2",
+                               "--output", str(tmp_path / "x.npz")], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("openmm-tbg: error: ") and expected in lines[0], lines
+        assert "weights_only=False" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------- `openmm-tbg sample` (item 6)
+def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys):
+    """Shipped model, 4 AA proposals with a cheap quadrature (~20 s on the 2-core CPU)."""
+    import mdtraj
+
+    from openmm_tbg.results import SampleResult
+    from openmm_tbg.sample_command import output_paths
+
+    out = tmp_path / "aa.npz"
+    rc = cli.main(["sample", "--sequence", "AA", "--samples", "4", "--quadrature-nodes", "4", "--atol", "1e-3",
+                   "--rtol", "1e-3", "--output", str(out), "--resample", "4", "--no-progress"])
+    captured = capsys.readouterr()
+    paths = output_paths(str(out))
+    result = SampleResult.load(paths["result"])
+    assert rc == 0, captured.err
+    assert result.n_valid >= 1
+    seed = int(captured.out.split("seed: ")[1].split()[0])  # drawn, printed ...
+    with np.load(paths["weights"]) as z:
+        assert int(z["seed"]) == seed  # ... and recorded
+        np.testing.assert_allclose(z["weights"].sum(), 1.0)
+        np.testing.assert_array_equal(z["proposal_index"], np.flatnonzero(result.valid))
+    traj = mdtraj.load(paths["valid_dcd"], top=paths["valid_pdb"])
+    assert traj.n_frames == result.n_valid and traj.n_atoms == 23
+    np.testing.assert_allclose(traj.xyz, result.positions[result.valid], atol=1e-3)
+    resampled = mdtraj.load(paths["resampled_dcd"], top=paths["resampled_pdb"])
+    assert resampled.n_frames == 4
+    with open(paths["figure"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    for key in ("result", "valid_pdb", "valid_dcd", "weights", "figure", "resampled_pdb", "resampled_dcd"):
+        assert f"wrote {paths[key]}" in captured.out or f"and {paths[key]}" in captured.out, key
+    assert "effective samples" in captured.out and "distinct configuration" in captured.out
