@@ -260,22 +260,70 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
     length_scale, sigma_nm = 0.1, 0.002
     x_ref = torch.as_tensor(traj.positions[7], dtype=torch.float64) / length_scale
     flow = TransferableFlow(GaussianAroundReference(x_ref, sigma_nm / length_scale), length_scale=length_scale)
+    options = {"ode_method": "rk4", "step_size": 0.1}
     res = ev.evaluate_peptide(flow.double(), traj, 12, seed=0, out_dir=tmp_path, progress=False,
-                              torus_samples=60, sampler_options={"ode_method": "rk4", "step_size": 0.1})
+                              torus_samples=60, sampler_options=options)
     # 2 pm noise keeps every bond and chiral centre: all samples are valid and get finite weights.
     assert res["n_valid"] == 12 and sum(res["rejections"].values()) == 0
-    assert 1 / 12 - 1e-9 <= res["ess"] <= 1.0
+    # The reported ESS is Kish's formula on the weights exp(-u - log q) of the same (same-seed) samples.
+    from openmm_tbg.peptides import create_system
+    from openmm_tbg.sampler import BoltzmannGeneratorSampler
+
+    again = BoltzmannGeneratorSampler(create_system(traj.topology), traj.topology, flow.double(), temperature=310.0,
+                                      seed=0, encoding=traj.encoding, positions=traj.positions[0], **options)
+    try:
+        drawn = again.sample(12, method="importance", progress=False)
+    finally:
+        again.close()
+    log_w = -drawn.reduced_potentials - drawn.log_q
+    w = np.exp(log_w - log_w.max())
+    assert res["ess"] == pytest.approx(w.sum() ** 2 / (12 * np.sum(w ** 2)), rel=1e-9)
+    assert res["ess_valid"] == pytest.approx(res["ess"], rel=1e-12)  # nothing rejected: the same n
     assert np.isfinite(res["energy_w2_raw"]) and np.isfinite(res["energy_w2_reweighted"])
-    # The BG samples sit at the reference frame's torsions, so torus-W2 against MD is that of a point mass:
-    # sqrt(mean squared periodic distance of the MD torsions to it), up to the few-degree spread of the samples.
+    # The BG samples sit at the reference frame's torsions, so torus-W2 against MD is close to that of a point
+    # mass there: sqrt(mean squared periodic distance of the 60 MD torsions to it; torus_samples=60 keeps all).
     phi, psi = ev.backbone_torsions(traj.positions, traj.topology)
     feats = ev.torsion_features(phi, psi)
     point = np.sqrt(ev.torus_distance(feats, feats[7:8]).mean())
-    assert res["torus_w2_raw"] == pytest.approx(point, abs=0.1)
+    # Tolerance from the sample size: W2 is a metric, so |W2(MD, BG) - W2(MD, point)| <= W2(BG, point), the RMS
+    # torus distance r of the 12 BG samples to the point. r^2 is a mean of 12 i.i.d. squared distances; their
+    # distribution follows from the 2 pm Gaussian noise of the samples (estimated from 4000 noisy copies of
+    # frame 7), and the mean of 12 stays below its expectation + 5 standard errors, sd(d^2) / sqrt(12).
+    noise = np.random.default_rng(0).normal(0.0, sigma_nm, (4000,) + traj.positions[7].shape)
+    copies = traj.positions[7][None].astype(np.float64) + noise
+    d2 = ev.torus_distance(ev.torsion_features(*ev.backbone_torsions(copies, traj.topology)), feats[7:8])[:, 0]
+    tolerance = np.sqrt(d2.mean() + 5 * d2.std() / np.sqrt(12))
+    assert abs(res["torus_w2_raw"] - point) <= tolerance, (res["torus_w2_raw"], point, tolerance)
     assert res["alpha_l_bg"]["mean"] == float(phi[7, 0] > 0)
     assert res["md_autocorrelation"]["total_time_ps"] == pytest.approx(60 * 150.0)
     for p in res["figures"].values():
         assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+
+
+def test_evaluate_accepts_a_temperature_quantity_and_checks_it_first(fixture_dir, tmp_path, monkeypatch):
+    from openmm import unit
+
+    from openmm_tbg.checkpoint import save_model
+    from openmm_tbg.flow import TransferableFlow
+    from openmm_tbg.nn.egnn import EGNNVectorField
+
+    torch.manual_seed(0)
+    model = tmp_path / "tiny.pt"
+    save_model(TransferableFlow(EGNNVectorField(n_layers=2, hidden=16), length_scale=0.1), model)
+    kwargs = dict(peptides=["AA"], n_samples=3, out_dir=tmp_path / "q", torus_samples=50, progress=False,
+                  sampler_options={"ode_method": "euler", "step_size": 0.5})
+    results = ev.evaluate(str(model), fixture_dir, temperature=310.0 * unit.kelvin, **kwargs)
+    assert results[0]["temperature_K"] == pytest.approx(310.0)
+    header = json.loads((tmp_path / "q" / "results.json").read_text())["header"]
+    assert header["target"].endswith(", 310 K")
+
+    # A temperature of the wrong unit is refused before any peptide is sampled.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("evaluate sampled a peptide before checking the temperature")
+
+    monkeypatch.setattr(ev.pipeline, "evaluate_peptide", no_sampling)
+    with pytest.raises(TypeError, match="temperature"):
+        ev.evaluate(str(model), fixture_dir, temperature=310.0 * unit.nanometer, **kwargs)
 
 
 def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
@@ -313,5 +361,7 @@ def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     assert text.index("| AA |") < text.index("| GP |")
     for link in ("figures/AA_ramachandran.png", "figures/GP_energy.png"):
         assert f"]({link})" in text and (merged / link).stat().st_size > 1000
-    with pytest.raises(ValueError, match="both"):
-        main(["evaluate", "--merge", str(out), str(out), "--out", str(tmp_path / "twice")])
+    capsys.readouterr()
+    # A peptide in two parts is a user error: one line on stderr, exit status 2 (the CLI's contract).
+    assert main(["evaluate", "--merge", str(out), str(out), "--out", str(tmp_path / "twice")]) == 2
+    assert "Peptide AA is in both" in capsys.readouterr().err
