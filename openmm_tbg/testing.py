@@ -14,7 +14,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["random_orthogonal", "interchangeable_permutation", "assert_equivariant", "assert_detailed_balance",
-           "LinearVectorField", "harmonic_chain"]
+           "LinearVectorField", "harmonic_chain", "toy_chain", "TOY_SIGMA_NM", "TOY_FLOW_STD_NM",
+           "TOY_TEMPERATURE_K"]
+
+#: The exactly solvable toy of the sampler and move tests: bond-vector standard deviation of the target (nm),
+#: standard deviation of the flow (nm; wider than the target, so importance weights are bounded), temperature.
+TOY_SIGMA_NM, TOY_FLOW_STD_NM, TOY_TEMPERATURE_K = 0.1, 0.11, 300.0
 
 
 def random_orthogonal(generator: torch.Generator, reflection: bool, dtype=torch.float64) -> torch.Tensor:
@@ -175,12 +180,13 @@ class LinearVectorField(torch.nn.Module):
         return self.rate * (x - mean) * m
 
 
-def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: float = 300.0):
+def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: float = 300.0, *,
+                   spring_constant: float | None = None):
     """A chain of particles joined by harmonic springs of rest length 0: an exactly known Boltzmann density.
 
     With ``U = sum_bonds k/2 |x_i - x_j|^2`` and a tree of bonds, the bond vectors are independent Gaussians
     with variance ``sigma^2 = kT / k`` per Cartesian component, so e.g. ``|b|^2 / sigma^2`` is chi-square with
-    3 degrees of freedom for every bond.
+    3 degrees of freedom for every bond. Particles have mass 12 (amu).
 
     Parameters
     ----------
@@ -188,6 +194,8 @@ def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: f
     sigma_nm : float
         Standard deviation of each bond-vector component at ``temperature_K``, nm.
     temperature_K : float
+    spring_constant : float, optional
+        ``k`` in kJ/mol/nm^2; when given it replaces ``kT / sigma_nm^2``.
 
     Returns
     -------
@@ -203,7 +211,7 @@ def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: f
     from .encoding import AtomEncoding
 
     kT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin) * temperature_K
-    k = kT / sigma_nm**2
+    k = kT / sigma_nm**2 if spring_constant is None else float(spring_constant)
     system = openmm.System()
     bonds = openmm.HarmonicBondForce()
     topology = app.Topology()
@@ -222,6 +230,20 @@ def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: f
         residue_names=("UNK",) * n_particles, elements=("C",) * n_particles,
         masses=np.full(n_particles, 12.0))
     return system, topology, encoding
+
+
+def toy_chain(n_particles: int = 3):
+    """The exactly solvable toy of the sampler and move tests: (system, topology, encoding, flow).
+
+    A `harmonic_chain` with bond-vector standard deviation ``TOY_SIGMA_NM`` at ``TOY_TEMPERATURE_K``, and a
+    float64 flow with a `LinearVectorField` whose samples have standard deviation ``TOY_FLOW_STD_NM``.
+    """
+    from .flow import TransferableFlow
+
+    system, topology, encoding = harmonic_chain(n_particles, TOY_SIGMA_NM, TOY_TEMPERATURE_K)
+    flow = TransferableFlow(LinearVectorField(np.log(TOY_FLOW_STD_NM / 0.1)), length_scale=0.1,
+                            prior_std=1.0).double()
+    return system, topology, encoding, flow
 
 
 def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_function, target_probabilities,

@@ -23,3 +23,12 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The exactly solvable toy (see `openmm_tbg.testing.toy_chain`): a 3-particle harmonic chain and a flow
+    with a closed-form density; (system, topology, encoding, flow)."""
+    from openmm_tbg.testing import toy_chain
+
+    return toy_chain(3)

@@ -6,23 +6,17 @@ import pytest
 from openmm import unit
 
 from openmm_tbg.energy import MOLAR_GAS_CONSTANT, ReducedPotential, select_platform, to_kelvin
+from openmm_tbg.testing import harmonic_chain
 
 
-def harmonic_chain(n_atoms=3, k=250.0):
+def chain_system(n_atoms=3, k=250.0):
     """n particles in a chain of HarmonicBondForce bonds with r0 = 0 (k in kJ/mol/nm^2)."""
-    system = openmm.System()
-    force = openmm.HarmonicBondForce()
-    for i in range(n_atoms):
-        system.addParticle(12.0)
-    for i in range(n_atoms - 1):
-        force.addBond(i, i + 1, 0.0, k)
-    system.addForce(force)
-    return system
+    return harmonic_chain(n_atoms, spring_constant=k)[0]
 
 
 def test_reduced_potential_matches_closed_form():
     k = 250.0
-    system = harmonic_chain(3, k)
+    system = chain_system(3, k)
     u = ReducedPotential(system, 300 * unit.kelvin, platform="Reference")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 3, 3))
@@ -56,7 +50,7 @@ def test_non_finite_positions_and_energies_are_infinite_and_counted():
 
 
 def test_worker_processes_agree_with_in_process_context():
-    system = harmonic_chain(4)
+    system = chain_system(4)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(20, 4, 3))
     x[3, 2, 1] = np.nan
@@ -68,7 +62,7 @@ def test_worker_processes_agree_with_in_process_context():
 
 
 def test_temperature_and_shape_errors():
-    system = harmonic_chain(2)
+    system = chain_system(2)
     with pytest.raises(TypeError, match="not temperature units"):
         ReducedPotential(system, 300 * unit.nanometer)
     with pytest.raises(ValueError, match="outside the supported range"):

@@ -1,6 +1,7 @@
 """Tests of openmm_tbg.moves.TBGMove with real openmmtools samplers on an exactly solvable system."""
 
 import copy
+import shutil
 
 import numpy as np
 import openmm
@@ -15,16 +16,10 @@ from scipy.stats import chi2
 from openmm_tbg.flow import TransferableFlow
 from openmm_tbg.moves import TBGMove
 from openmm_tbg.sampler import BoltzmannGeneratorSampler
-from openmm_tbg.testing import LinearVectorField, assert_detailed_balance, harmonic_chain
+from openmm_tbg.testing import TOY_SIGMA_NM, TOY_TEMPERATURE_K, assert_detailed_balance
 
-SIGMA, FLOW_STD, T = 0.1, 0.11, 300.0
-
-
-@pytest.fixture(scope="module")
-def toy():
-    system, topology, encoding = harmonic_chain(3, SIGMA, T)
-    flow = TransferableFlow(LinearVectorField(np.log(FLOW_STD / 0.1)), length_scale=0.1, prior_std=1.0).double()
-    return system, topology, encoding, flow
+# The toy of the `toy` fixture (tests/conftest.py): target bond-vector std (nm), kelvin.
+SIGMA, T = TOY_SIGMA_NM, TOY_TEMPERATURE_K
 
 
 def exact_sample(rng, n_particles=3):
@@ -159,7 +154,9 @@ def saved_egnn_toy(toy, tmp_path_factory):
 
 def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp_path):
     system, topology, encoding, _ = toy
-    bg = BoltzmannGeneratorSampler(system, topology, saved_egnn_toy, temperature=T, encoding=encoding,
+    model = tmp_path / "tiny.pt"
+    shutil.copyfile(saved_egnn_toy, model)  # the end of this test tampers with the file: not the shared one
+    bg = BoltzmannGeneratorSampler(system, topology, model, temperature=T, encoding=encoding,
                                    check_bonds=False, ode_method="euler", step_size=0.5, platform="Reference")
     move = TBGMove(bg, n_attempts=2, buffer_size=8, seed=6)
     state = yaml.safe_load(yaml.safe_dump(utils.serialize(move)))  # YAML-safe: plain types only
@@ -187,7 +184,7 @@ def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp
 
     # A changed checkpoint is refused when the move is restored.
     serialized = utils.serialize(moves[0])
-    with open(saved_egnn_toy, "ab") as fh:
+    with open(model, "ab") as fh:
         fh.write(b"tampered")
     with pytest.raises(ValueError, match="sha256"):
         utils.deserialize(serialized)

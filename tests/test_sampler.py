@@ -11,18 +11,10 @@ from scipy.special import logsumexp
 from openmm_tbg.encoding import UnsupportedTopologyError
 from openmm_tbg.flow import TransferableFlow
 from openmm_tbg.sampler import BoltzmannGeneratorSampler, SampleResult, kish_ess
-from openmm_tbg.testing import LinearVectorField, harmonic_chain
+from openmm_tbg.testing import TOY_FLOW_STD_NM, TOY_SIGMA_NM, TOY_TEMPERATURE_K
 
-SIGMA = 0.1      # nm, bond-vector standard deviation per component of the toy target
-FLOW_STD = 0.11  # nm, the flow's standard deviation: wider than the target, so weights are bounded
-T = 300.0
-
-
-@pytest.fixture(scope="module")
-def toy():
-    system, topology, encoding = harmonic_chain(3, SIGMA, T)
-    flow = TransferableFlow(LinearVectorField(np.log(FLOW_STD / 0.1)), length_scale=0.1, prior_std=1.0).double()
-    return system, topology, encoding, flow
+# The toy of the `toy` fixture (tests/conftest.py): target bond-vector std, the flow's std (nm), kelvin.
+SIGMA, FLOW_STD, T = TOY_SIGMA_NM, TOY_FLOW_STD_NM, TOY_TEMPERATURE_K
 
 
 def toy_sampler(toy, seed=0, **kwargs):
@@ -194,7 +186,10 @@ def test_end_to_end_alanine_dipeptide_with_tiny_egnn(fixture_dir):
         assert getattr(result, name).shape == (n,)
     assert sum(result.rejections.values()) + result.n_valid == n
     assert result.counts["n"] == n and result.n_valid == int(result.valid.sum())
-    assert np.isfinite(result.ess) and 0.0 <= result.ess <= 1.0
+    # Kish's ESS over all n proposals, rejected ones with weight 0, computed here from -u - log q.
+    log_w = np.where(result.valid, -result.reduced_potentials - result.log_q, -np.inf)
+    w = np.exp(log_w - log_w.max()) if result.valid.any() else np.zeros(n)
+    assert result.ess == (pytest.approx(w.sum() ** 2 / (n * np.sum(w ** 2)), rel=1e-9) if w.any() else 0.0)
     assert np.all(np.isfinite(result.log_q))
     assert np.all(np.isfinite(result.log_weights[result.valid]))
     assert np.all(np.isneginf(result.log_weights[~result.valid]))
