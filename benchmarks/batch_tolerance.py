@@ -13,21 +13,15 @@ and the final positions with a tight reference (per-sample norm at 1e-7, 48 Gaus
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import sys
 
 import numpy as np
 import torch
+from _harness import Table, divergence_along, header, pick_device
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
 from openmm_tbg.flow import gauss_legendre
 from openmm_tbg.peptides import build_peptide
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quadrature_error import divergence_along  # noqa: E402
 
 
 def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -48,7 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-singles", action="store_true", help="skip the one-sample-at-a-time solves")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    dev = pick_device("cpu", threads=args.threads)
     flow = load_model(args.model)
     tokens = flow._as_tokens(encode_topology(build_peptide(args.peptide).topology))
     n_atoms = tokens.shape[0]
@@ -59,16 +53,18 @@ def main(argv=None) -> None:
         values, x_end, nfe = divergence_along(flow, tokens, x0, nodes, tol, norm, t_end=1.0)
         return weights @ values, x_end, nfe
 
-    print(f"# batch_tolerance.py  {datetime.date.today()}  {platform.processor() or 'CPU'}  model "
-          f"{flow.checkpoint_sha256[:12]}  {args.peptide}, {args.samples} samples, gl-{args.nodes}")
+    header(__file__, dev, model=flow.checkpoint_sha256[:12], peptide=args.peptide, samples=args.samples,
+           rule=f"gl-{args.nodes}", threads=args.threads)
     reference, x_reference, _ = integral(z, 48, 1e-7, per_sample_norm)
-    print(f"{'solve':>32} {'rms err':>8} {'max err':>8} {'x dev median':>12} {'x dev max':>10} {'NFE':>5}")
+    table = Table([("solve", 32), ("rms err", 8, ".4f"), ("max err", 8, ".4f"), ("x dev median", 12, ".5f"),
+                   ("x dev max", 10, ".5f"), ("NFE", 5)])
+    table.header()
 
     def report(label, value, x, nfe):
         err = value - reference  # log q error in kT (the integral enters log q with unit weight)
-        dev = ((x - x_reference).norm(dim=-1).max(-1).values * flow.length_scale).numpy()  # nm, worst atom
-        print(f"{label:>32} {np.sqrt(np.mean(err**2)):8.4f} {np.abs(err).max():8.4f} {np.median(dev):12.5f} "
-              f"{dev.max():10.5f} {nfe:>5}", flush=True)
+        dev_nm = ((x - x_reference).norm(dim=-1).max(-1).values * flow.length_scale).numpy()  # nm, worst atom
+        table.row(label, float(np.sqrt(np.mean(err**2))), float(np.abs(err).max()), float(np.median(dev_nm)),
+                  float(dev_nm.max()), str(nfe))
 
     for tol in args.tols:
         report(f"tol {tol:g}, one batch of {args.samples}", *integral(z, args.nodes, tol))

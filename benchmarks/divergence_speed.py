@@ -20,21 +20,14 @@ path (``quadrature_nodes``) evaluates it at a few times only.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import time
 
 import torch
+from _harness import Table, best_time, header, pick_device
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
 from openmm_tbg.flow import divergence_exact_batched, divergence_exact_loop
 from openmm_tbg.peptides import build_peptide
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> None:
@@ -49,30 +42,22 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time the loop through torch.compile")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    torch.set_num_threads(args.threads)
-    flow = load_model(args.model, device=str(device))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    dev = pick_device(args.device, threads=args.threads)
+    flow = load_model(args.model, device=str(dev))
     cfg = flow.vector_field.config
-    print(f"# divergence_speed.py  {datetime.date.today()}  device={device} ({name})  threads={args.threads}  "
-          f"torch {torch.__version__}  model {cfg['n_layers']}x{cfg['hidden']} ({flow.checkpoint_sha256[:12]})")
-    print(f"{'peptide':>7} {'atoms':>5} {'batch':>5} {'method':>11} {'seconds':>9} {'per sample':>10} "
-          f"{'forwards':>8} {'max diff':>8}")
+    header(__file__, dev, threads=args.threads,
+           model=f"{cfg['n_layers']}x{cfg['hidden']}({flow.checkpoint_sha256[:12]})")
+    table = Table([("peptide", 7), ("atoms", 5), ("batch", 5), ("method", 11), ("seconds", 9, ".4f"),
+                   ("per sample", 10, ".4f"), ("forwards", 8, ".2f"), ("max diff", 8, ".1e")])
+    table.header()
     for seq in args.peptides:
         tokens = flow._as_tokens(encode_topology(build_peptide(seq).topology))
         n_atoms = tokens.shape[0]
         for batch in args.batch_sizes:
-            x = flow.sample_prior(batch, n_atoms, generator=torch.Generator().manual_seed(0)).to(device) * 0.5
-            t = torch.full((batch,), 0.7, device=device)
-            forward = float("inf")
-            for _ in range(args.repeats):
-                with torch.no_grad():
-                    _sync(device)
-                    start = time.perf_counter()
-                    flow.vector_field(t, x, tokens)
-                    _sync(device)
-                    forward = min(forward, time.perf_counter() - start)
+            x = flow.sample_prior(batch, n_atoms, generator=torch.Generator().manual_seed(0)).to(dev) * 0.5
+            t = torch.full((batch,), 0.7, device=dev)
+            with torch.no_grad():
+                forward, _ = best_time(lambda: flow.vector_field(t, x, tokens), dev, args.repeats)
             eager = flow.vector_field
             methods = {"loop": (eager, divergence_exact_loop)}
             for chunk in args.chunks:
@@ -82,34 +67,21 @@ def main(argv=None) -> None:
             if args.compile:
                 compiled = torch.compile(eager, dynamic=False)
                 with torch.no_grad():  # compile (and warm up) the forward-only graph
-                    compiled(t, x, tokens)
-                    best = float("inf")
-                    for _ in range(args.repeats):
-                        _sync(device)
-                        start = time.perf_counter()
-                        compiled(t, x, tokens)
-                        _sync(device)
-                        best = min(best, time.perf_counter() - start)
-                print(f"{seq:>7} {n_atoms:>5} {batch:>5} {'forward+compile':>11} {best:9.4f} {best / batch:10.4f} "
-                      f"{best / forward:8.2f} {'-':>8}", flush=True)
+                    best, _ = best_time(lambda: compiled(t, x, tokens), dev, args.repeats, warmups=1)
+                table.row(seq, n_atoms, batch, "forward+compile", best, best / batch, best / forward, "-")
                 methods["loop+compile"] = (compiled, divergence_exact_loop)
             reference = None
             for method, (vector_field, fn) in methods.items():
-                best, div = float("inf"), None
-                warmups = 1 if vector_field is not eager else 0
-                for repeat in range(warmups + args.repeats):
+                def divergence(vector_field=vector_field, fn=fn):
                     xx = x.clone().requires_grad_(True)
                     with torch.enable_grad():
-                        _sync(device)
-                        start = time.perf_counter()
-                        div = fn(vector_field(t, xx, tokens), xx)
-                        _sync(device)
-                        if repeat >= warmups:
-                            best = min(best, time.perf_counter() - start)
+                        return fn(vector_field(t, xx, tokens), xx)
+
+                warmups = 1 if vector_field is not eager else 0
+                best, div = best_time(divergence, dev, args.repeats, warmups=warmups)
                 reference = div if reference is None else reference
-                diff = float((div - reference).abs().max())
-                print(f"{seq:>7} {n_atoms:>5} {batch:>5} {method:>11} {best:9.4f} {best / batch:10.4f} "
-                      f"{best / forward:8.0f} {diff:8.1e}", flush=True)
+                table.row(seq, n_atoms, batch, method, best, best / batch, f"{best / forward:8.0f}",
+                          float((div - reference).abs().max()))
 
 
 if __name__ == "__main__":

@@ -20,23 +20,18 @@ Scaled down (a few minutes): ``--train CE NV --test AA --samples 2 --nodes 4 6``
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import zlib
 
 import numpy as np
 import torch
 from numpy.polynomial import legendre
+from _harness import Table, divergence_along, header, pick_device
 from scipy.optimize import minimize
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
 from openmm_tbg.flow import gauss_legendre
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quadrature_error import divergence_along  # noqa: E402
 
 N_REFERENCE = 48
 
@@ -106,10 +101,10 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=None, help="npz file that stores (and reuses) the curves")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    dev = pick_device("cpu", threads=args.threads)
     flow = load_model(args.model)
-    print(f"# empirical_quadrature.py  {datetime.date.today()}  {platform.processor() or 'CPU'}  model "
-          f"{flow.checkpoint_sha256[:12]}  samples={args.samples} per peptide")
+    header(__file__, dev, model=flow.checkpoint_sha256[:12], samples_per_peptide=args.samples,
+           threads=args.threads)
     cached = dict(np.load(args.cache)) if args.cache and os.path.exists(args.cache) else {}
     curves = {}
     for name in dict.fromkeys(args.train + args.test):
@@ -130,14 +125,15 @@ def main(argv=None) -> None:
     if len(train[1]) > 1 and sv[0] > 0:
         print("singular values of the centred training curves, relative:",
               " ".join(f"{v:.1e}" for v in sv[:12] / sv[0]))
-    print(f"{'K':>3} {'rule':>8} {'train rms':>9} {'train max':>9} {'test rms':>9} {'test max':>9}  nodes")
+    table = Table([("K", 3, "d"), ("rule", 8), ("train rms", 9, ".3f"), ("train max", 9, ".3f"),
+                   ("test rms", 9, ".3f"), ("test max", 9, ".3f")])
+    table.header()
     for n_nodes in args.nodes:
         g, gw = gauss_legendre(n_nodes)
         t, w = fit_rule(n_nodes, *train[:2], seed=args.seed)
         for label, (nodes, weights) in (("GL", (g, gw)), ("fitted", (t, w))):
             tr, te = errors(nodes, weights, *train[:2]), errors(nodes, weights, *test[:2])
-            print(f"{n_nodes:3d} {label:>8} {tr[0]:9.3f} {tr[1]:9.3f} {te[0]:9.3f} {te[1]:9.3f}  "
-                  f"{np.array2string(nodes, precision=3)}", flush=True)
+            table.row(n_nodes, label, tr[0], tr[1], te[0], te[1], tail=f"  {np.array2string(nodes, precision=3)}")
         e = at(test[0], t) @ w - test[1]
         worst = {}
         for name, value in zip(test[2], e):

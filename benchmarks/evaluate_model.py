@@ -16,14 +16,13 @@ Example (GPU machine, real numbers):
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
 
 import numpy as np
+from _harness import markdown_table, measure_md, molecule
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from openmm_tbg import evaluation  # noqa: E402
+from openmm_tbg import evaluation
 
 
 def main(argv=None) -> int:
@@ -37,29 +36,24 @@ def main(argv=None) -> int:
     status = evaluation.run_from_cli(args)  # prints results.md
     if status:
         return status
-    import json
-
-    results = json.load(open(os.path.join(args.out, "results.json")))["results"]
+    with open(os.path.join(args.out, "results.json")) as fh:
+        results = json.load(fh)["results"]
     rows = []
     for r in results:
         if args.md_ns_per_day:
             ns_day = args.md_ns_per_day
         else:
-            from md_speed import measure, molecule
-
             top, pos = molecule(r["name"], args.data)
-            ns_day = measure(top, pos, 1, args.md_steps, 200, None, args.md_platform)["ns_per_day"]
+            ns_day = measure_md(top, pos, 1, args.md_steps, 200, None, args.md_platform)["ns_per_day"]
         ps_per_s = ns_day * 1000.0 / 86400.0
         tau = r["md_autocorrelation"]["tau_int_ps"]
         rows.append((r["name"], r["ess"], r["samples_per_s"], r["effective_samples_per_s"], ns_day, tau,
                      ps_per_s / (2 * tau)))
     print("\n## BG vs MD sampling efficiency (one process, this machine)\n")
-    print("| peptide | ESS % | BG samples/s | BG effective samples/s (ESS x samples / wall s) | MD ns/day | "
-          "MD tau_int ps | MD independent samples/s | BG / MD |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, ess, sps, eff, ns_day, tau, md in rows:
-        print(f"| {name} | {100 * ess:.2f} | {sps:.3g} | {eff:.3g} | {ns_day:.1f} | {tau:.0f} | {md:.3g} | "
-              f"{eff / md:.3g} |")
+    markdown_table(["peptide", "ESS %", "BG samples/s", "BG effective samples/s (ESS x samples / wall s)",
+                    "MD ns/day", "MD tau_int ps", "MD independent samples/s", "BG / MD"],
+                   [[name, f"{100 * ess:.2f}", f"{sps:.3g}", f"{eff:.3g}", f"{ns_day:.1f}", f"{tau:.0f}",
+                     f"{md:.3g}", f"{eff / md:.3g}"] for name, ess, sps, eff, ns_day, tau, md in rows])
     if rows:
         ratio = np.array([r[3] / r[6] for r in rows])
         print(f"\nBG/MD ratio of independent samples per second: median {np.median(ratio):.3g} "

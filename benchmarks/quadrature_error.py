@@ -21,16 +21,14 @@ if it tracked the error; it does not (see docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import numpy as np
 import torch
-from torchdiffeq import odeint
+from _harness import Table, divergence_along, header, pick_device
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
-from openmm_tbg.flow import _AugmentedDynamics, _PositionDynamics, gauss_legendre
+from openmm_tbg.flow import gauss_legendre
 from openmm_tbg.peptides import build_peptide
 
 
@@ -56,31 +54,6 @@ def rule(name: str, n_nodes: int) -> tuple[np.ndarray, np.ndarray] | None:
     raise ValueError(f"unknown rule {name!r}")
 
 
-def divergence_along(flow, tokens: torch.Tensor, x0: torch.Tensor, nodes: np.ndarray, tol: float, norm=None,
-                     chunk: int = 8, t_end: float | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
-    """Exact divergence along the flow's trajectories, for the quadrature benchmarks.
-
-    Positions go from t = 0 through the increasing times ``nodes`` (and ``t_end`` if given) by dopri5 at
-    atol = rtol = ``tol`` (with torchdiffeq error ``norm`` if given); the divergence at ``chunk`` nodes at a time
-    is one stacked batch. Returns the (K, B) float64 divergences, the positions at the last time and the number
-    of position-only function evaluations.
-    """
-    positions = _PositionDynamics(flow.vector_field, tokens)
-    times = torch.tensor(np.r_[0.0, nodes, [] if t_end is None else [t_end]], dtype=x0.dtype)
-    with torch.no_grad():
-        xs = odeint(positions, x0, times, method="dopri5", atol=tol, rtol=tol,
-                    options=None if norm is None else dict(norm=norm))
-    dynamics = _AugmentedDynamics(flow.vector_field, tokens, "exact", None, None)
-    batch, n_atoms = x0.shape[:2]
-    values = np.zeros((len(nodes), batch))
-    for start in range(0, len(nodes), chunk):
-        k = min(chunk, len(nodes) - start)
-        t = times[1 + start:1 + start + k].repeat_interleave(batch)
-        x = xs[1 + start:1 + start + k].reshape(k * batch, n_atoms, 3)
-        values[start:start + k] = dynamics.divergence_at(t, x)[1].double().numpy().reshape(k, batch)
-    return values, xs[-1], positions.nfe
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
@@ -92,12 +65,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    dev = pick_device("cpu", threads=args.threads)
     flow = load_model(args.model)
     cfg = flow.vector_field.config
-    print(f"# quadrature_error.py  {datetime.date.today()}  {platform.processor() or 'CPU'}  model "
-          f"{cfg['n_layers']}x{cfg['hidden']} ({flow.checkpoint_sha256[:12]})  samples={args.samples}")
-    print(f"{'peptide':>7} {'rule':>12} {'K':>3} {'rms err':>8} {'max err':>8} {'tail':>8}")
+    header(__file__, dev, model=f"{cfg['n_layers']}x{cfg['hidden']}({flow.checkpoint_sha256[:12]})",
+           samples=args.samples, threads=args.threads)
+    table = Table([("peptide", 7), ("rule", 12), ("K", 3, "d"), ("rms err", 8, ".4f"), ("max err", 8, ".4f"),
+                   ("tail", 8, ".3g")])
+    table.header()
     for seq in args.peptides:
         tokens = flow._as_tokens(encode_topology(build_peptide(seq).topology))
         x0 = flow.sample_prior(args.samples, tokens.shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -119,12 +94,11 @@ def main(argv=None) -> None:
                     continue
                 if name == "gl":
                     value, tail = integral(*nodes_weights, with_tail=True)
-                    tail = f"{np.sqrt(np.mean(tail**2)):8.3g}"
+                    tail = float(np.sqrt(np.mean(tail**2)))
                 else:
-                    value, tail = integral(*nodes_weights), f"{'-':>8}"
+                    value, tail = integral(*nodes_weights), "-"
                 err = value - reference
-                print(f"{seq:>7} {name:>12} {n_nodes:3d} {np.sqrt(np.mean(err**2)):8.4f} {np.abs(err).max():8.4f} "
-                      f"{tail}", flush=True)
+                table.row(seq, name, n_nodes, float(np.sqrt(np.mean(err**2))), float(np.abs(err).max()), tail)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import resource
-import time
 
 import numpy as np
 import torch
+from _harness import Table, Timer, header, pick_device
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
@@ -76,12 +74,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def run(flow, tokens, n, options, seed, batch_size, device) -> tuple[np.ndarray, float, list]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    _, log_q = flow.sample(tokens, n, generator=seed, batch_size=batch_size, **options)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return log_q.numpy(), time.perf_counter() - start, flow.last_stats["nfe"]
+    with Timer(device) as timer:
+        _, log_q = flow.sample(tokens, n, generator=seed, batch_size=batch_size, **options)
+    return log_q.numpy(), timer.seconds, flow.last_stats["nfe"]
 
 
 def main(argv=None) -> None:
@@ -99,39 +94,36 @@ def main(argv=None) -> None:
                         help="skip the tight reference (speed only; error columns show '-')")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}"
-    print(f"# sampling_speed.py  {datetime.date.today()}  device={device} ({name})  threads={args.threads}  "
-          f"torch {torch.__version__}  samples={args.samples}")
-    header = (f"{'model':>6} {'weights':>11} {'peptide':>7} {'atoms':>5} {'method':>10} {'samples/s':>10} "
-              f"{'speed-up':>8} {'NFE':>6} {'rms err':>8} {'max err':>8} {'peak MB':>8}")
-    print(header)
+    dev = pick_device(args.device, threads=args.threads)
+    header(__file__, dev, threads=args.threads, samples=args.samples)
+    table = Table([("model", 6), ("weights", 11), ("peptide", 7), ("atoms", 5), ("method", 10),
+                   ("samples/s", 10, ".4f"), ("speed-up", 8, ".1f"), ("NFE", 6, "d"), ("rms err", 8, ".4f"),
+                   ("max err", 8, ".4f"), ("peak MB", 8, ".0f")])
+    table.header()
     for size in args.sizes:
-        flow, weights = build_flow(size, args.model, device)
+        flow, weights = build_flow(size, args.model, dev)
         flow.eval()
         for seq in args.peptides:
             tokens = encode_topology(build_peptide(seq).topology).tokens
             n_atoms = tokens.shape[0]
             ref = None
             if not args.no_reference:
-                ref, _, _ = run(flow, tokens, args.samples, method_options("reference", device), args.seed,
-                                args.batch_size, device)
+                ref, _, _ = run(flow, tokens, args.samples, method_options("reference", dev), args.seed,
+                                args.batch_size, dev)
             base_rate = None
             for method in args.methods:
-                log_q, seconds, nfe = run(flow, tokens, args.samples, method_options(method, device), args.seed,
-                                          args.batch_size, device)
+                log_q, seconds, nfe = run(flow, tokens, args.samples, method_options(method, dev), args.seed,
+                                          args.batch_size, dev)
                 rate = args.samples / seconds
                 base_rate = rate if method == "baseline" else base_rate
-                speedup = f"{rate / base_rate:8.1f}" if base_rate else f"{'-':>8}"
+                speedup = rate / base_rate if base_rate else "-"
                 if ref is None:
-                    errors = f"{'-':>8} {'-':>8}"
+                    errors = ("-", "-")
                 else:
                     err = log_q - ref
-                    errors = f"{np.sqrt(np.mean(err**2)):8.4f} {np.max(np.abs(err)):8.4f}"
-                print(f"{size:>6} {weights:>11} {seq:>7} {n_atoms:>5} {method:>10} {rate:10.4f} {speedup} "
-                      f"{int(np.mean(nfe)):6d} {errors} {peak_memory_mb(device):8.0f}", flush=True)
+                    errors = (float(np.sqrt(np.mean(err**2))), float(np.max(np.abs(err))))
+                table.row(size, weights, seq, n_atoms, method, rate, speedup, int(np.mean(nfe)), *errors,
+                          peak_memory_mb(dev))
 
 
 if __name__ == "__main__":

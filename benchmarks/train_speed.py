@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
 
 import numpy as np
 import torch
+from _harness import Table, Timer, header, pick_device
 
 from openmm_tbg import training
 from openmm_tbg.data import load_dataset, read_splits
+from openmm_tbg.utils import machine_info
 
 
 def measure(trajectories, config: training.TrainingConfig, length_scale: float, steps: int, warmup: int,
@@ -36,23 +36,18 @@ def measure(trajectories, config: training.TrainingConfig, length_scale: float, 
     opt = torch.optim.AdamW(vf.parameters(), lr=config.lr)
     t_batch, t_step, t_cpu, atoms = [], [], [], []
     for i in range(warmup + steps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        batch = training.make_training_batch(sampler, config, length_scale, gen).to(device)
-        t1 = time.perf_counter()
-        loss = training.flow_matching_loss(vf, batch, config.sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vf.parameters(), config.grad_clip)
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        c2 = time.process_time()
+        with Timer(device) as draw:
+            batch = training.make_training_batch(sampler, config, length_scale, gen).to(device)
+        with Timer(device) as step:
+            loss = training.flow_matching_loss(vf, batch, config.sigma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vf.parameters(), config.grad_clip)
+            opt.step()
         if i >= warmup:
-            t_cpu.append(c2 - c0)
-            t_batch.append(t1 - t0)
-            t_step.append(t2 - t1)
+            t_cpu.append(draw.cpu_seconds + step.cpu_seconds)
+            t_batch.append(draw.seconds)
+            t_step.append(step.seconds)
             atoms.append(int(batch.mask.shape[1]))
     total = np.add(t_batch, t_step)
     return {
@@ -90,13 +85,14 @@ def main(argv=None) -> int:
     names = sorted(rng.choice(names, size=min(args.n_peptides, len(names)), replace=False).tolist())
     trajectories = load_dataset(args.data, names=names, max_frames=args.max_frames, progress=False)
     length_scale = training.estimate_length_scale(trajectories)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     results = []
-    print(f"{args.layers} x {args.hidden} EGNN, batch {args.batch_size}, {len(names)} train dipeptides "
-          f"({min(t.encoding.n_atoms for t in trajectories)}-{max(t.encoding.n_atoms for t in trajectories)} "
-          f"atoms), device {device}, {os.cpu_count()} CPUs, length scale {length_scale:.4f} nm")
-    print(f"{'coupling':>12} {'threads':>7} {'batch ms':>9} {'model ms':>9} {'steps/s':>8} {'median':>7} "
-          f"{'cpu s/step':>10}")
+    header(__file__, device, model=f"{args.layers}x{args.hidden}", batch=args.batch_size,
+           peptides=f"{len(names)}({min(t.encoding.n_atoms for t in trajectories)}-"
+                    f"{max(t.encoding.n_atoms for t in trajectories)} atoms)", length_scale=f"{length_scale:.4f}nm")
+    table = Table([("coupling", 12), ("threads", 7, "d"), ("batch ms", 9, ".1f"), ("model ms", 9, ".1f"),
+                   ("steps/s", 8, ".2f"), ("median", 7, ".2f"), ("cpu s/step", 10, ".3f")])
+    table.header()
     for threads in args.threads:
         torch.set_num_threads(threads)
         for coupling in args.couplings:
@@ -104,12 +100,11 @@ def main(argv=None) -> int:
                                           coupling=coupling, seed=args.seed)
             r = measure(trajectories, cfg, length_scale, args.steps, args.warmup, device)
             results.append(r)
-            print(f"{coupling:>12} {threads:>7} {r['batch_ms']:9.1f} {r['model_step_ms']:9.1f} "
-                  f"{r['steps_per_s']:8.2f} {r['steps_per_s_median']:7.2f} {r['cpu_s_per_step']:10.3f}", flush=True)
+            table.row(coupling, threads, r["batch_ms"], r["model_step_ms"], r["steps_per_s"],
+                      r["steps_per_s_median"], r["cpu_s_per_step"])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"platform": platform.platform(), "cpu_count": os.cpu_count(), "args": vars(args),
-                       "results": results}, fh, indent=1)
+            json.dump({"machine": machine_info(), "args": vars(args), "results": results}, fh, indent=1)
     return 0
 
 

@@ -12,13 +12,12 @@ rejections by reason) and the mean over peptides.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 
 import numpy as np
 import torch
+from _harness import Table, header, pick_device
 from torchdiffeq import odeint
 
 from openmm_tbg.checkpoint import load_model
@@ -30,12 +29,13 @@ from openmm_tbg.validity import ValidityChecker
 
 def valid_counts(flow, pdb_path: str, n: int, seed: int, batch_size: int) -> dict:
     """Draw ``n`` positions-only flow samples of the peptide in ``pdb_path`` and check them."""
-    from openmm import app, unit
+    from openmm import app
+
+    from openmm_tbg.utils import to_nm
 
     pdb = app.PDBFile(pdb_path)
     encoding = encode_topology(pdb.topology)
-    checker = ValidityChecker(pdb.topology, encoding,
-                              reference_positions=pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+    checker = ValidityChecker(pdb.topology, encoding, reference_positions=to_nm(pdb.positions))
     tokens = flow._as_tokens(encoding)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -63,11 +63,11 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write the counts to this file")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    dev = pick_device("cpu", threads=args.threads)
     names = args.peptides or read_splits(args.data)[args.split]
-    print(f"# validity_rate.py  {datetime.date.today()}  {platform.node()}  threads={args.threads}  "
-          f"samples={args.samples} per peptide  data={args.data}")
-    print(f"{'model':>12} {'peptide':>7} {'valid %':>8} {'+-':>5}  rejections (mirrored, relabelled)")
+    header(__file__, dev, threads=args.threads, samples_per_peptide=args.samples, data=args.data)
+    rows = Table([("model", 12), ("peptide", 7), ("valid %", 8, ".1f"), ("+-", 5, ".1f")])
+    rows.header(tail="  rejections (mirrored, relabelled)")
     table = {}
     for model in args.models:
         flow = load_model(model).float()
@@ -79,10 +79,10 @@ def main(argv=None) -> None:
             rates.append(p)
             table.setdefault(tag, {})[name] = c
             rejected = ", ".join(f"{k} {c[k]}" for k in ("bond_graph", "chirality", "non_finite_positions") if c[k])
-            print(f"{tag:>12} {name:>7} {100 * p:8.1f} {100 * np.sqrt(p * (1 - p) / c['n']):5.1f}  "
-                  f"{rejected or '-'} ({c['mirrored']}, {c['relabelled']})", flush=True)
-        print(f"{tag:>12} {'mean':>7} {100 * np.mean(rates):8.1f}  over {len(names)} peptides; "
-              f"{sum(r == 0 for r in rates)} with no valid sample", flush=True)
+            rows.row(tag, name, 100 * p, 100 * np.sqrt(p * (1 - p) / c["n"]),
+                     tail=f"  {rejected or '-'} ({c['mirrored']}, {c['relabelled']})")
+        rows.row(tag, "mean", 100 * np.mean(rates), "",
+                 tail=f"  over {len(names)} peptides; {sum(r == 0 for r in rates)} with no valid sample")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(table, fh, indent=1)
