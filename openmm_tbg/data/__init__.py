@@ -1,13 +1,7 @@
 """The dipeptide MD data set: reading it (:mod:`.reading`), the test-split guard (:mod:`.splits`) and
 generating new data in the same format (:mod:`.simulate`, ``openmm-tbg simulate``).
 
-Format of a data directory (see ``shared/data/dipeptides/README.md``):
-
-- ``XY.pdb``: topology and a starting structure; its atom order defines the trajectory's columns.
-- ``XY.npz``: ``positions`` int16 (frames, atoms, 3) in units of 1e-4 nm with the centroid removed per frame,
-  ``run`` int8 (frames,) index of the independent run of each frame (frames of a run are consecutive),
-  ``run_interval_ps`` float (n_runs,) time between saved frames of each run.
-- ``splits.json``: ``{"train": [...], "test": [...]}``.
+The format of a data directory (``XY.pdb``, ``XY.npz``, ``splits.json``) is described in :mod:`.reading`.
 """
 
 from ..utils import default_file_mode as _default_file_mode  # noqa: F401  (checkpoint.py imports it from here)

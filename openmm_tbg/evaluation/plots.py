@@ -22,6 +22,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> str:
+    """Lay out, write (PNG, 100 dpi) and close a figure; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.fspath(path)
+
+
 def plot_ramachandran(md, bg_raw, bg_weights, path, bins: int = 60, title: Optional[str] = None) -> str:
     """Three Ramachandran panels: MD, BG raw, BG reweighted; log-density 2-D histograms on [-pi, pi]^2.
 
@@ -74,10 +82,7 @@ def plot_ramachandran(md, bg_raw, bg_weights, path, bins: int = 60, title: Optio
     axes[0].set_ylabel(r"$\psi$ (rad)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
 
 
 def plot_energy_histogram(u_md, u_bg, w_bg, path, bins: int = 60, title: Optional[str] = None,
@@ -130,7 +135,4 @@ def plot_energy_histogram(u_md, u_bg, w_bg, path, bins: int = 60, title: Optiona
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(plt, fig, path)
