@@ -20,13 +20,16 @@ _CLI_TO_CONFIG = {
     "coupling": "coupling", "device": "device", "seed": "seed", "checkpoint_every": "checkpoint_every",
     "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay",
     "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
+    "family": "family", "rounds": "rounds", "blocks": "blocks", "bins": "bins",
+    "peptides_per_batch": "peptides_per_batch",
 }
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``openmm-tbg train`` options to ``parser``."""
     d = TrainingConfig()
-    parser.description = "Train a transferable Boltzmann generator by conditional flow matching."
+    parser.description = ("Train a transferable Boltzmann generator: an EGNN CNF by conditional flow matching, or "
+                          "an internal-coordinate flow (--family internal-coordinate) by maximum likelihood.")
     parser.add_argument("--data", required=True, help="data-set directory (XY.pdb + XY.npz [+ splits.json])")
     parser.add_argument("--split", default="train",
                         help="split to train on (default: train; 'all' = every non-test peptide; 'test' is refused)")
@@ -63,6 +66,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help=f"checkpoint interval in steps, 0 = only at the end ({d.checkpoint_every})")
     parser.add_argument("--log-every", type=int, default=None, help=f"log interval in steps ({d.log_every})")
+    from ..model import FAMILIES
+
+    group = parser.add_argument_group("model family")
+    group.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                       help=f"egnn-cnf (flow matching) or internal-coordinate (maximum likelihood) ({d.family})")
+    group.add_argument("--rounds", type=int, default=None,
+                       help=f"internal-coordinate: coupling rounds, 4 layers each ({d.rounds})")
+    group.add_argument("--blocks", type=int, default=None,
+                       help=f"internal-coordinate: transformer blocks per layer ({d.blocks})")
+    group.add_argument("--bins", type=int, default=None, help=f"internal-coordinate: spline bins ({d.bins})")
+    group.add_argument("--peptides-per-batch", type=int, default=None,
+                       help=f"internal-coordinate: distinct peptides per batch ({d.peptides_per_batch})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

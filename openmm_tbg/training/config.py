@@ -65,6 +65,19 @@ class TrainingConfig:
         Log the mean loss every this many steps.
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    family : str
+        Model family (`openmm_tbg.model.FAMILIES`): ``"egnn-cnf"`` trains by flow matching,
+        ``"internal-coordinate"`` by maximum likelihood (`openmm_tbg.training.likelihood`). ``hidden`` is the
+        width of either; the flow-matching fields (``n_layers``, ``coupling``, ``sigma``, ``length_scale``,
+        ...) apply to the CNF only, the next four to the internal-coordinate flow only.
+    rounds : int
+        Internal-coordinate flow: coupling rounds (four coupling layers each).
+    blocks : int
+        Internal-coordinate flow: transformer blocks per coupling layer.
+    bins : int
+        Internal-coordinate flow: rational-quadratic spline bins.
+    peptides_per_batch : int
+        Internal-coordinate flow: distinct peptides per batch (its frames are padded into one tensor).
     """
 
     n_layers: int = 5
@@ -89,10 +102,20 @@ class TrainingConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     device: str = "auto"
+    family: str = "egnn-cnf"
+    rounds: int = 3
+    blocks: int = 1
+    bins: int = 8
+    peptides_per_batch: int = 8
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
-        positive_ints = ("n_layers", "hidden", "batch_size", "steps", "ot_iterations", "log_every")
+        from ..model import FAMILIES
+
+        if self.family not in FAMILIES:
+            raise ValueError(f"Unknown model family {self.family!r}; use one of {sorted(FAMILIES)}.")
+        positive_ints = ("n_layers", "hidden", "batch_size", "steps", "ot_iterations", "log_every", "rounds",
+                         "blocks", "bins", "peptides_per_batch")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:

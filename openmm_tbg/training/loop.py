@@ -19,9 +19,10 @@ from ..data.splits import check_not_test_split
 from ..utils import device_name, machine_info
 from .batching import PeptideBatchSampler, estimate_length_scale, flow_matching_loss, make_generators, \
     make_training_batch
+from .likelihood import ICTrainingData, likelihood_loss
 from .config import TrainingConfig, lr_factor
 from .distributed import DistInfo, gather_objects, mean_over_ranks, setup_distributed, teardown, wrap_model
-from .model_setup import EMA, flow_for_saving, initial_flow, load_parent
+from .model_setup import EMA, flow_for_saving, initial_flow, load_parent, trainable_module
 from .resume import collect_rng_states, open_resume, restore_rng_states, resume_path, run_rng_scope, \
     write_resume_file
 
@@ -69,7 +70,7 @@ class _Run:
     dist: DistInfo
     device: torch.device
     parent: dict[str, Any] | None
-    sampler: PeptideBatchSampler
+    sampler: Any  # PeptideBatchSampler (CNF) or ICTrainingData (internal-coordinate flow)
     np_rng: np.random.Generator
     gen: torch.Generator
     flow: torch.nn.Module
@@ -125,25 +126,29 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
     elif resume:
         logger.info("No resume file %s; starting a new run.", resume_path(out))
     parent = state.get("init_from") if state is not None else None
-    init_state = None
+    init_state = statistics = None
     if state is None and init_from is not None:
-        parent, init_state = load_parent(init_from, config, trajectories)
+        parent, init_state, statistics = load_parent(init_from, config, trajectories)
         if dist_info.is_main:
             logger.info("Starting from %s (sha256 %s..., %s steps).", parent["path"], parent["sha256"][:12],
                         parent["steps"])
-    if config.length_scale is None:
+    if config.length_scale is None and config.family == "egnn-cnf":
         config.length_scale = estimate_length_scale(trajectories)
         if dist_info.is_main:
             logger.info("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
     if config.max_residues is None:
         config.max_residues = max(int(t.encoding.n_residues) for t in trajectories)
     np_rng, gen = make_generators(config.seed, dist_info.rank)
-    flow = initial_flow(config, init_state)
-    vector_field = flow.vector_field.to(device)
+    flow = initial_flow(config, init_state, trajectories, statistics)
+    if config.family == "egnn-cnf":
+        sampler = PeptideBatchSampler(trajectories, config.batch_size, np_rng)
+    else:
+        sampler = ICTrainingData(flow, trajectories, config.peptides_per_batch)
+    vector_field = trainable_module(flow).to(device)
     optimizer = torch.optim.AdamW(vector_field.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(config=config, out=out, names=[t.name for t in trajectories], data_dir=data_dir,
                command_line=command_line, dist=dist_info, device=device, parent=parent,
-               sampler=PeptideBatchSampler(trajectories, config.batch_size, np_rng), np_rng=np_rng, gen=gen,
+               sampler=sampler, np_rng=np_rng, gen=gen,
                flow=flow, vector_field=vector_field, optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config)),
                ema=EMA(vector_field, config.ema_decay) if config.ema_decay > 0 else None)
@@ -204,13 +209,17 @@ def _checkpoint(run: _Run, wall: float, hardware: dict[str, Any]) -> tuple[str |
 
 
 def _optimisation_step(run: _Run, model: torch.nn.Module, bar) -> None:
-    """One flow-matching step; appends the (rank-averaged) loss and logs it."""
+    """One flow-matching (CNF) or maximum-likelihood (internal-coordinate flow) step; appends the
+    (rank-averaged) loss and logs it."""
     config = run.config
-    batch = make_training_batch(run.sampler, config, config.length_scale, run.gen).to(run.device)
-    loss = flow_matching_loss(model, batch, config.sigma)
+    if config.family == "egnn-cnf":
+        batch = make_training_batch(run.sampler, config, config.length_scale, run.gen).to(run.device)
+        loss = flow_matching_loss(model, batch, config.sigma)
+    else:
+        loss = likelihood_loss(model, run.sampler.batch(config.batch_size, run.np_rng, run.device))
     if not torch.isfinite(loss):
         raise FloatingPointError(
-            f"Non-finite flow-matching loss at step {run.step + 1}; lower --lr, raise --warmup or enable "
+            f"Non-finite training loss at step {run.step + 1}; lower --lr, raise --warmup or enable "
             "gradient clipping (--grad-clip)."
         )
     run.optimizer.zero_grad(set_to_none=True)

@@ -38,8 +38,16 @@ class EMA:
             self.shadow[k].copy_(state[k])
 
 
-def build_flow(config: TrainingConfig, length_scale: float, max_residues: int):
-    """A fresh :class:`TransferableFlow` with an EGNN vector field of the configured size."""
+def build_flow(config: TrainingConfig, length_scale: float, max_residues: int,
+               trajectories: Sequence[Any] | None = None, statistics: dict | None = None):
+    """A fresh flow of ``config.family``: a :class:`TransferableFlow` with an EGNN vector field, or an
+    internal-coordinate flow whitened with ``statistics`` (default: collected from ``trajectories``)."""
+    if config.family == "internal-coordinate":
+        from .likelihood import build_ic_flow
+
+        return build_ic_flow(trajectories, n_rounds=config.rounds, hidden=config.hidden, n_blocks=config.blocks,
+                             n_bins=config.bins, max_residues=max_residues, seed=config.seed,
+                             statistics=statistics)
     from openmm_tbg.flow import TransferableFlow
     from openmm_tbg.nn.egnn import EGNNVectorField
 
@@ -48,37 +56,55 @@ def build_flow(config: TrainingConfig, length_scale: float, max_residues: int):
     return TransferableFlow(vf, length_scale=length_scale, prior_std=config.prior_std)
 
 
-def initial_flow(config: TrainingConfig, init_state: dict[str, torch.Tensor] | None = None):
+def trainable_module(flow: torch.nn.Module) -> torch.nn.Module:
+    """The module whose weights training optimises: the CNF's vector field, or the whole flow."""
+    return flow.vector_field if getattr(flow, "family", "egnn-cnf") == "egnn-cnf" else flow
+
+
+def initial_flow(config: TrainingConfig, init_state: dict[str, torch.Tensor] | None = None,
+                 trajectories: Sequence[Any] | None = None, statistics: dict | None = None):
     """The flow a run starts from: identical weights on every rank (seeded with ``config.seed`` without
     touching the caller's global RNG), or the weights of a parent model when ``init_state`` is given."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        flow = build_flow(config, config.length_scale, config.max_residues)
+        flow = build_flow(config, config.length_scale, config.max_residues, trajectories, statistics)
     if init_state is not None:
-        flow.vector_field.load_state_dict(init_state)
+        trainable_module(flow).load_state_dict(init_state)
     return flow
 
 
 def load_parent(path: str | os.PathLike, config: TrainingConfig,
-                 trajectories: Sequence[Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load the model that starts a run; adopt its architecture into ``config`` (in place).
+                 trajectories: Sequence[Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict | None]:
+    """Load the model that starts a run; adopt its family and architecture into ``config`` (in place).
 
-    Returns the parent's description for the metadata and its vector-field weights.
+    Returns the parent's description for the metadata, its trained weights and (internal-coordinate flows)
+    its whitening statistics.
     """
     from openmm_tbg.checkpoint import load_model
 
     path = os.fspath(path)
     parent_flow = load_model(path)  # CheckpointError names a missing, corrupt or incompatible file
-    vf_config = getattr(parent_flow.vector_field, "config", None)
-    if not isinstance(vf_config, dict) or "n_layers" not in vf_config:
-        raise ValueError(f"{path} does not hold an EGNN vector field; only EGNN models can be trained further.")
     needed = max(int(t.encoding.n_residues) for t in trajectories)
-    if needed > vf_config["max_residues"]:
-        raise ValueError(f"{path} encodes at most {vf_config['max_residues']} residues, but the training data "
-                         f"has peptides of {needed}; train a new model instead of starting from this one.")
-    adopted = {"n_layers": vf_config["n_layers"], "hidden": vf_config["hidden"],
-               "attention": vf_config["attention"], "max_residues": vf_config["max_residues"],
-               "length_scale": parent_flow.length_scale, "prior_std": parent_flow.prior_std}
+    statistics = None
+    if parent_flow.family == "internal-coordinate":
+        pc = parent_flow.config
+        if needed > pc["max_residues"]:
+            raise ValueError(f"{path} encodes at most {pc['max_residues']} residues, but the training data has "
+                             f"peptides of {needed}; train a new model instead of starting from this one.")
+        adopted = {"family": parent_flow.family, "rounds": pc["n_rounds"], "hidden": pc["hidden"],
+                   "blocks": pc["n_blocks"], "bins": pc["n_bins"], "max_residues": pc["max_residues"]}
+        statistics = pc["statistics"]  # keep the parent's whitening: its weights were trained with it
+    else:
+        vf_config = getattr(parent_flow.vector_field, "config", None)
+        if not isinstance(vf_config, dict) or "n_layers" not in vf_config:
+            raise ValueError(f"{path} does not hold an EGNN vector field; only EGNN models can be trained "
+                             "further.")
+        if needed > vf_config["max_residues"]:
+            raise ValueError(f"{path} encodes at most {vf_config['max_residues']} residues, but the training "
+                             f"data has peptides of {needed}; train a new model instead of starting from this one.")
+        adopted = {"family": parent_flow.family, "n_layers": vf_config["n_layers"], "hidden": vf_config["hidden"],
+                   "attention": vf_config["attention"], "max_residues": vf_config["max_residues"],
+                   "length_scale": parent_flow.length_scale, "prior_std": parent_flow.prior_std}
     changed = {k: (getattr(config, k), v) for k, v in adopted.items()
                if getattr(config, k) is not None and getattr(config, k) != v}
     if changed:
@@ -95,12 +121,13 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
         "init_from": training.get("init_from"),
         "upgraded_from": (parent_flow.checkpoint_metadata or {}).get("upgraded_from"),
     }
-    return parent, {k: v.detach().clone() for k, v in parent_flow.vector_field.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in trainable_module(parent_flow).state_dict().items()}
+    return parent, state, statistics
 
 
 def flow_for_saving(flow: torch.nn.Module, vector_field: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
     """A CPU copy of the flow carrying the EMA weights when enabled (the training copy is left untouched)."""
     saved = copy.deepcopy(flow).cpu()
     if ema is not None:
-        saved.vector_field.load_state_dict({k: v.cpu() for k, v in ema.state_dict().items()})
+        trainable_module(saved).load_state_dict({k: v.cpu() for k, v in ema.state_dict().items()})
     return saved

@@ -1,0 +1,441 @@
+"""Internal-coordinate flow: a transferable coupling flow over bond lengths, angles and dihedrals.
+
+A sample is built in three steps:
+
+1. draw whitened internal coordinates ``z`` from a factorised base (standard normal for bonds and angles,
+   wrapped normal or uniform for dihedrals; `openmm_tbg.ic_statistics`);
+2. push them through coupling layers, each a rational-quadratic spline (`openmm_tbg.nn.splines`; circular for
+   dihedrals) of half of the coordinates whose parameters a transformer over the atoms computes from the
+   other half and from the atom encoding (`openmm_tbg.nn.transformer`);
+3. un-whiten, place the atoms along the peptide's `ZMatrix` with NeRF and apply a uniformly random rotation
+   (`openmm_tbg.internal_coordinates`).
+
+Every step is a bijection with a closed-form Jacobian, so ``log q`` is exact and costs one pass through the
+layers in either direction. Bond lengths and angles stay near their training distributions by construction,
+which is what a Cartesian flow must learn to ~0.003 nm.
+
+Symmetries: the density is invariant under rotations (uniform orientation) and translations (it lives on the
+centre-free subspace), but not under reflection (chirality is a dihedral sign) nor under permutations of
+interchangeable atoms (each atom has its own Z-matrix role). Samples are therefore never mirrored or
+relabelled (`Flow.symmetries`); inverted or mislabelled proposals are rejected and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ic_statistics import UNIFORM_ABOVE, WhiteningTable
+from .internal_coordinates import from_internal, log_jacobian, random_rotations, to_internal
+from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
+from .nn.transformer import GraphTransformer
+from .zmatrix import ZMatrix, build_zmatrix
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InternalCoordinateFlow", "ICContext", "collate_contexts"]
+
+NONE, NORMAL, WRAPPED_NORMAL, UNIFORM = 0, 1, 2, 3
+_MAX_POSITIONS = 4096   # build positions for which the layers' coupling masks are defined
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class ICContext:
+    """Per-molecule input of the internal-coordinate flow (`InternalCoordinateFlow.condition`).
+
+    All arrays are in Z-matrix build order: ``tokens`` (N, 4) [residue index, amino acid, atom class, role],
+    ``distances`` (N, N) bond-graph distances, ``dof`` (N, 3) which coordinates exist, ``centre``/``width``
+    (N, 3) whitening, ``base`` (N, 3) base-distribution kinds.
+    """
+
+    zmatrix: ZMatrix
+    tokens: torch.Tensor
+    distances: torch.Tensor
+    dof: torch.Tensor
+    centre: torch.Tensor
+    width: torch.Tensor
+    base: torch.Tensor
+    sequence: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return self.zmatrix.n_atoms
+
+
+def collate_contexts(contexts: Sequence[ICContext], device=None) -> dict[str, torch.Tensor]:
+    """Stack contexts into padded ``(B, N_max, ...)`` tensors plus an atom ``mask``."""
+    n_max = max(c.n_atoms for c in contexts)
+    B = len(contexts)
+    out = {"tokens": torch.zeros(B, n_max, 4, dtype=torch.long),
+           "distances": torch.zeros(B, n_max, n_max, dtype=torch.long),
+           "dof": torch.zeros(B, n_max, 3, dtype=torch.bool),
+           "centre": torch.zeros(B, n_max, 3, dtype=torch.float64),
+           "width": torch.ones(B, n_max, 3, dtype=torch.float64),
+           "base": torch.zeros(B, n_max, 3, dtype=torch.long),
+           "mask": torch.zeros(B, n_max, dtype=torch.bool)}
+    for b, c in enumerate(contexts):
+        n = c.n_atoms
+        for key in ("tokens", "dof", "centre", "width", "base"):
+            out[key][b, :n] = getattr(c, key)
+        out["distances"][b, :n, :n] = c.distances
+        out["mask"][b, :n] = True
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _graph_distances(n: int, bonds: Sequence[tuple[int, int]]) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import shortest_path
+
+    if not bonds:
+        return np.zeros((n, n), dtype=np.int64)
+    i, j = np.asarray(bonds, dtype=np.int64).T
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    d = shortest_path(graph, directed=False, unweighted=True)
+    return np.where(np.isfinite(d), d, 99).astype(np.int64)
+
+
+def _base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Per-entry log density of the factorised base (0 where ``base == NONE``)."""
+    z, width = z.double(), width.double()
+    normal = -0.5 * z * z - 0.5 * _LOG_2PI
+    k = torch.arange(-3, 4, dtype=z.dtype, device=z.device) * (2 * math.pi)
+    s = torch.where(base == WRAPPED_NORMAL, width, torch.ones_like(width))[..., None]
+    wrapped = torch.logsumexp(-0.5 * ((z[..., None] + k) / s) ** 2, -1) - torch.log(s[..., 0]) - 0.5 * _LOG_2PI
+    out = torch.where(base == NORMAL, normal, torch.zeros_like(z))
+    out = torch.where(base == WRAPPED_NORMAL, wrapped, out)
+    return torch.where(base == UNIFORM, torch.full_like(z, -_LOG_2PI), out)
+
+
+class _Coupling(nn.Module):
+    """One coupling layer: splines of one kind of coordinate (dihedrals, or bonds and angles) at half of the
+    build positions, with parameters computed from everything else."""
+
+    def __init__(self, dihedral: bool, hidden: int, n_heads: int, n_blocks: int, n_bins: int, max_distance: int):
+        super().__init__()
+        self.dihedral = bool(dihedral)
+        self.features = nn.Linear(7, hidden)
+        self.transformer = GraphTransformer(hidden, n_heads, n_blocks, max_distance)
+        self.head = nn.Linear(hidden, (1 if dihedral else 2) * n_spline_parameters(n_bins))
+        nn.init.zeros_(self.head.weight)  # identity at initialisation: the flow starts as its base
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, z: torch.Tensor, keep: torch.Tensor, h0: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Spline parameters ``(B, N, C, 3K + 1)`` (C = 1 dihedral or 2 bond/angle channels) from the kept
+        entries of ``z``."""
+        zb = z[..., :2].clamp(-10, 10)
+        feats = torch.cat([zb, torch.cos(z[..., 2:]), torch.sin(z[..., 2:])], -1)
+        feats = feats * torch.cat([keep[..., :2], keep[..., 2:], keep[..., 2:]], -1)
+        h = h0 + self.features(torch.cat([feats, keep], -1))
+        out = self.head(self.transformer(h, bias))
+        return out.reshape(*z.shape[:2], 1 if self.dihedral else 2, -1)
+
+
+class InternalCoordinateFlow(nn.Module):
+    """Transferable internal-coordinate coupling flow (family ``"internal-coordinate"``).
+
+    Parameters
+    ----------
+    statistics : dict
+        `WhiteningTable` entries (from training data; `openmm_tbg.ic_statistics`).
+    n_rounds : int
+        Each round has four coupling layers: dihedrals, then bonds and angles, each on two complementary
+        halves of the build positions (a random split per round).
+    hidden, n_heads, n_blocks : int
+        Transformer width, heads and blocks per coupling layer.
+    n_bins : int
+        Spline bins.
+    bound : float
+        Whitened bonds and angles are splined on ``[-bound, bound]``, identity outside.
+    max_residues, n_amino_acids, n_atom_classes : int
+        Vocabulary of the atom encoding (``n_atom_classes`` None: the current encoding's).
+    max_distance : int
+        Bond-graph distance clip of the attention bias.
+    """
+
+    family = "internal-coordinate"
+    symmetries = frozenset({"rotation"})
+
+    def __init__(self, statistics: Optional[dict] = None, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
+                 n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
+                 n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8):
+        super().__init__()
+        from .encoding import ATOM_NAME_CLASSES
+
+        n_atom_classes = len(ATOM_NAME_CLASSES) if n_atom_classes is None else int(n_atom_classes)
+        self.table = WhiteningTable(statistics)
+        self._config = {"n_rounds": int(n_rounds), "hidden": int(hidden), "n_heads": int(n_heads),
+                        "n_blocks": int(n_blocks), "n_bins": int(n_bins), "bound": float(bound),
+                        "max_residues": int(max_residues), "n_amino_acids": int(n_amino_acids),
+                        "n_atom_classes": n_atom_classes, "max_distance": int(max_distance)}
+        self.vocab_sizes = (int(max_residues), int(n_amino_acids), n_atom_classes)
+        self.bound = float(bound)
+        self._vocab = (int(max_residues), int(n_amino_acids), n_atom_classes, 8)  # the last: Z-matrix roles
+        self.embedding = nn.Linear(sum(self._vocab), hidden)  # on concatenated one-hot tokens
+        self.layers = nn.ModuleList(_Coupling(index % 4 < 2, hidden, n_heads, n_blocks, n_bins, max_distance)
+                                    for index in range(4 * n_rounds))
+        g = torch.Generator().manual_seed(20261201)
+        bits = torch.randint(0, 2, (n_rounds, _MAX_POSITIONS), generator=g, dtype=torch.bool)
+        self.register_buffer("_bits", bits, persistent=False)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ config / interface
+    @property
+    def config(self) -> dict:
+        return dict(self._config, statistics=self.table.to_dict(), dtype=str(self.dtype).replace("torch.", ""))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "InternalCoordinateFlow":
+        config = dict(config)
+        dtype = config.pop("dtype", "float32")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"InternalCoordinateFlow.from_config: dtype must be 'float32' or 'float64', got "
+                             f"{dtype!r}.")
+        return cls(**config).to(getattr(torch, dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def check_supported(self, encoding: Any) -> None:
+        """Refuse peptides outside the model's vocabulary (residue count, amino acids, atom classes)."""
+        from .encoding import UnsupportedTopologyError
+
+        if encoding.n_atoms < 3:
+            raise UnsupportedTopologyError("The internal-coordinate flow needs molecules of at least 3 atoms.")
+        tokens = encoding.tokens
+        for column, (size, what) in enumerate(zip(self.vocab_sizes, ("residues", "amino-acid types",
+                                                                     "atom classes"))):
+            if tokens[:, column].max() >= size:
+                n = int(tokens[:, column].max()) + 1
+                raise UnsupportedTopologyError(
+                    f"This internal-coordinate model supports peptides with at most {size} {what}, but "
+                    f"{encoding.sequence!r} needs {n}. Use a model trained on such peptides (openmm-tbg train "
+                    f"--family internal-coordinate on MD data that includes them).")
+
+    def sampling_options(self, **options: Any) -> dict:
+        """The flow takes no integration options: ``log q`` is one exact pass."""
+        if options:
+            raise ValueError(f"The internal-coordinate flow computes exact log q in one pass and takes no ODE "
+                             f"options, got {sorted(options)}; these apply to the egnn-cnf family only.")
+        return {}
+
+    def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:
+        """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and whitening."""
+        self.check_supported(encoding)
+        zm = build_zmatrix(encoding, bonds)
+        order = zm.order
+        roles = np.array([min(p, 3) for p in range(zm.n_atoms)]) + 4 * zm.improper.astype(np.int64)
+        tokens = np.stack([encoding.residue_index[order], encoding.amino_acid[order],
+                           encoding.atom_class[order], roles], 1)
+        dist = _graph_distances(zm.n_atoms, bonds)[np.ix_(order, order)]
+        centre = np.zeros((zm.n_atoms, 3))
+        width = np.ones((zm.n_atoms, 3))
+        base = np.zeros((zm.n_atoms, 3), dtype=np.int64)
+        for p, keys in enumerate(zm.keys):
+            for c, key in enumerate(keys):
+                if not key:
+                    continue
+                mu, sigma, _ = self.table.lookup(key)
+                if c < 2:
+                    centre[p, c], width[p, c], base[p, c] = mu, sigma, NORMAL
+                elif sigma < UNIFORM_ABOVE:
+                    centre[p, c], width[p, c], base[p, c] = mu, sigma, WRAPPED_NORMAL
+                else:
+                    base[p, c] = UNIFORM
+        return ICContext(zmatrix=zm, tokens=torch.as_tensor(tokens, dtype=torch.long),
+                         distances=torch.as_tensor(dist), dof=torch.as_tensor(zm.dof_mask),
+                         centre=torch.as_tensor(centre), width=torch.as_tensor(width),
+                         base=torch.as_tensor(base), sequence=getattr(encoding, "sequence", ""))
+
+    # ------------------------------------------------------------------ whitening
+    @staticmethod
+    def whiten(ic: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log |dz/dic|)`` from ``(B, N, 3)`` internal coordinates (float64)."""
+        centre, width, base = batch["centre"], batch["width"], batch["base"]
+        scaled = (ic - centre) / width
+        shifted = torch.remainder(ic - centre + math.pi, 2 * math.pi) - math.pi
+        z = torch.where(base == NORMAL, scaled, torch.where(base == NONE, torch.zeros_like(ic), shifted))
+        log_det = -torch.where(base == NORMAL, torch.log(width), torch.zeros_like(width)).sum((1, 2))
+        return z, log_det
+
+    @staticmethod
+    def unwhiten(z: torch.Tensor, batch: dict) -> torch.Tensor:
+        centre, width, base = batch["centre"], batch["width"], batch["base"]
+        shifted = torch.remainder(z + centre + math.pi, 2 * math.pi) - math.pi
+        return torch.where(base == NORMAL, centre + width * z, torch.where(base == NONE, torch.zeros_like(z),
+                                                                            shifted))
+
+    # ------------------------------------------------------------------ the layers
+    def _prepare(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tok = batch["tokens"]
+        one_hot = torch.cat([nn.functional.one_hot(tok[..., c], v) for c, v in enumerate(self._vocab)], -1)
+        h0 = self.embedding(one_hot.to(self.dtype))
+        distances = self.layers[0].transformer.one_hot_distances(batch["distances"], self.dtype)
+        biases = [layer.transformer.attention_bias(distances, batch["mask"]) for layer in self.layers]
+        return h0, biases
+
+    def _transformed(self, index: int, batch: dict) -> torch.Tensor:
+        """bool (B, N, 3): entries that layer ``index`` transforms."""
+        n = batch["dof"].shape[1]
+        round_, kind = divmod(index, 4)
+        on = self._bits[round_, :n] ^ bool(kind % 2)
+        channels = torch.tensor([False, False, True] if kind < 2 else [True, True, False], device=on.device)
+        return batch["dof"] & on[None, :, None] & channels[None, None, :] & batch["mask"][..., None]
+
+    def _couple(self, index: int, z: torch.Tensor, batch: dict, h0, biases, inverse: bool):
+        layer = self.layers[index]
+        move = self._transformed(index, batch)
+        keep = (batch["dof"] & ~move).to(z.dtype)
+        params = layer(z * keep, keep, h0, biases[index])
+        if layer.dihedral:
+            y, log_det = circular_rq_spline(z[..., 2:], params, inverse=inverse)
+            new = torch.cat([z[..., :2], y], -1)
+            log_det = torch.cat([torch.zeros_like(z[..., :2]), log_det], -1)
+        else:
+            y, log_det = rq_spline(z[..., :2], params, self.bound, inverse=inverse)
+            new = torch.cat([y, z[..., 2:]], -1)
+            log_det = torch.cat([log_det, torch.zeros_like(z[..., 2:])], -1)
+        z = torch.where(move, new, z)
+        return z, torch.where(move, log_det, torch.zeros_like(log_det)).double().sum((1, 2))
+
+    def transform(self, z: torch.Tensor, batch: dict, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coupling layers: data -> base (``inverse=False``) or base -> data, with ``log |det|`` of the
+        direction evaluated ``(B,)`` float64."""
+        h0, biases = self._prepare(batch)
+        z = z.to(self.dtype)
+        total = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+        indices = range(len(self.layers))
+        for index in (reversed(indices) if inverse else indices):
+            z, ld = self._couple(index, z, batch, h0, biases, inverse=inverse)
+            total = total + ld
+        return z, total
+
+    def log_prob_whitened(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``log q(z)`` of whitened coordinates ``(B, N, 3)`` (density direction: data -> base)."""
+        u, log_det = self.transform(z, batch)
+        return log_det + _base_log_prob(u, batch["base"], batch["width"]).sum((1, 2))
+
+    def forward(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """`log_prob_whitened` (the training objective goes through ``forward`` so that DDP can wrap it)."""
+        return self.log_prob_whitened(z, batch)
+
+    def sample_whitened(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log q(z))``: base draws pushed through the inverse layers (base -> data)."""
+        base, width = batch["base"], batch["width"]
+        shape = base.shape
+        gen_device = generator.device
+        eps = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
+        wrapped = torch.remainder(width * eps + math.pi, 2 * math.pi) - math.pi
+        z = torch.where(base == NORMAL, eps, torch.where(base == WRAPPED_NORMAL, wrapped,
+                                                         (2 * u - 1) * math.pi))
+        z = torch.where(base == NONE, torch.zeros_like(z), z)
+        log_q = _base_log_prob(z, base, width).sum((1, 2))
+        z, log_det = self.transform(z, batch, inverse=True)
+        # log_det = log |d z_data / d z_base|, so log q(z_data) = log p(z_base) - log_det
+        return z.double(), log_q - log_det
+
+    # ------------------------------------------------------------------ API
+    def _batch(self, context: ICContext, n: int) -> dict:
+        one = collate_contexts([context], device=self.device)
+        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+    def _as_context(self, context: Any) -> ICContext:
+        if not isinstance(context, ICContext):
+            raise TypeError(f"InternalCoordinateFlow: expected the ICContext from flow.condition(encoding, "
+                            f"bonds), got {type(context).__name__}.")
+        return context
+
+    @torch.no_grad()
+    def sample(self, context: Any, n: int, *, generator: torch.Generator | int | None = None,
+               batch_size: Optional[int] = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` configurations with their exact ``log q``.
+
+        Returns
+        -------
+        x_nm : torch.Tensor
+            ``(n, N, 3)`` float64 positions (nm, centroid at the origin), topology atom order, on the CPU.
+        log_q : torch.Tensor
+            ``(n,)`` float64 log density on the centre-free subspace (nm); NaN for the (vanishingly rare)
+            draws outside the coordinates' support (a bond length <= 0 or an angle outside (0, pi)).
+        """
+        from tqdm.auto import tqdm
+
+        from .flow import TransferableFlow
+
+        context = self._as_context(context)
+        if int(n) != n or n < 1:
+            raise ValueError(f"InternalCoordinateFlow.sample: n must be a positive integer, got {n!r}.")
+        n = int(n)
+        batch_size = n if batch_size is None else int(batch_size)
+        generator = TransferableFlow._generator(generator)
+        xs, lqs = [], []
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="flow samples", unit="batch"):
+            m = min(batch_size, n - start)
+            batch = self._batch(context, m)
+            z, log_q = self.sample_whitened(batch, generator)
+            ic = self.unwhiten(z, batch)
+            _, log_det_white = self.whiten(ic, batch)
+            bonds, angles, dihedrals = ic.unbind(-1)
+            dof = batch["dof"]
+            inside = ~((dof[..., 0] & (bonds <= 0)) | (dof[..., 1] & ((angles <= 0) | (angles >= math.pi)))).any(1)
+            rot = random_rotations(m, generator, device=self.device)
+            x = from_internal(bonds, angles, dihedrals, context.zmatrix, rot)
+            log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix)
+            lqs.append(torch.where(inside, log_q, torch.full_like(log_q, float("nan"))).cpu())
+            xs.append(x.cpu())
+        self.last_stats = {"n_batches": len(xs)}
+        return torch.cat(xs), torch.cat(lqs)
+
+    @torch.no_grad()
+    def log_prob(self, x_nm: Any, context: Any, *, batch_size: Optional[int] = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Exact ``log q`` of ``(n, N, 3)`` positions (nm; topology atom order), float64 on the CPU."""
+        from tqdm.auto import tqdm
+
+        context = self._as_context(context)
+        x = _as_positions(x_nm, context.n_atoms)
+        n = x.shape[0]
+        batch_size = n if batch_size is None else int(batch_size)
+        out = []
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="flow log_prob", unit="batch"):
+            xb = x[start:start + batch_size].to(self.device)
+            out.append(self.log_prob_internal(torch.stack(to_internal(xb, context.zmatrix), -1),
+                                              context).cpu())
+        return torch.cat(out)
+
+    def log_prob_internal(self, ic: torch.Tensor, context: ICContext) -> torch.Tensor:
+        """``log q`` on the centre-free subspace from ``(B, N, 3)`` internal coordinates of one molecule."""
+        batch = self._batch(context, ic.shape[0])
+        z, log_det_white = self.whiten(ic.double(), batch)
+        bonds, angles = ic[..., 0].double(), ic[..., 1].double()
+        return (self.log_prob_whitened(z, batch) + log_det_white
+                + log_jacobian(bonds, angles, context.zmatrix))
+
+
+def _as_positions(x_nm: Any, n_atoms: int) -> torch.Tensor:
+    from openmm import unit
+
+    if unit.is_quantity(x_nm):
+        x_nm = x_nm.value_in_unit(unit.nanometer)
+    x = x_nm.detach().double() if isinstance(x_nm, torch.Tensor) else torch.as_tensor(
+        np.asarray(x_nm, dtype=np.float64))
+    if x.dim() != 3 or x.shape[1:] != (n_atoms, 3):
+        raise ValueError(f"InternalCoordinateFlow.log_prob: positions must have shape (n, {n_atoms}, 3) in nm, "
+                         f"got {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("InternalCoordinateFlow.log_prob: positions contain NaN or infinite values; remove "
+                         "those configurations first.")
+    return x

@@ -1,0 +1,129 @@
+"""Maximum-likelihood training data and loss of the internal-coordinate flow.
+
+The flow's exact ``log q`` is one pass, so it trains by maximum likelihood on MD frames: the loss is the mean
+negative log density of the whitened internal coordinates per degree of freedom. (The Jacobian of the
+Cartesian transform does not depend on the weights, so this is maximum likelihood on the Cartesian density
+too.) Every frame's internal coordinates are computed once, up front.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["whitening_statistics", "build_ic_flow", "ICTrainingData", "likelihood_loss", "peptide_bonds"]
+
+
+def peptide_bonds(trajectory: Any) -> list[tuple[int, int]]:
+    """Bonded atom pairs of a `PeptideTrajectory`'s topology."""
+    return [(b[0].index, b[1].index) for b in trajectory.topology.bonds()]
+
+
+def whitening_statistics(trajectories: Sequence[Any], progress: bool = False) -> dict:
+    """`WhiteningTable` entries collected from the frames of training peptides."""
+    from tqdm.auto import tqdm
+
+    from ..ic_statistics import WhiteningTable
+    from ..internal_coordinates import to_internal
+    from ..zmatrix import build_zmatrix
+
+    table = WhiteningTable()
+    for t in tqdm(trajectories, disable=not progress, desc="internal-coordinate statistics", unit="peptide"):
+        zm = build_zmatrix(t.encoding, peptide_bonds(t))
+        ic = torch.stack(to_internal(torch.as_tensor(t.positions, dtype=torch.float64), zm), -1).numpy()
+        for c in range(3):
+            table.add([keys[c] for keys in zm.keys], ic[..., c])
+    return table.to_dict()
+
+
+def build_ic_flow(trajectories: Sequence[Any], *, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
+                  n_blocks: int = 2, n_bins: int = 8, max_residues: int | None = None, seed: int = 0,
+                  statistics: dict | None = None):
+    """A fresh `InternalCoordinateFlow` whitened with the training data's statistics (weights seeded with
+    ``seed`` without touching the caller's global RNG)."""
+    from ..icflow import InternalCoordinateFlow
+
+    if statistics is None:
+        statistics = whitening_statistics(trajectories)
+    if max_residues is None:
+        max_residues = max(int(t.encoding.n_residues) for t in trajectories)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return InternalCoordinateFlow(statistics, n_rounds=n_rounds, hidden=hidden, n_heads=n_heads,
+                                      n_blocks=n_blocks, n_bins=n_bins, max_residues=max_residues)
+
+
+@dataclass
+class _Peptide:
+    name: str
+    context: Any
+    z: torch.Tensor           # (frames, N, 3) float32 whitened internal coordinates, build order
+    log_det: float            # whitening log-determinant (the same for every frame)
+    n_dof: int
+
+
+class ICTrainingData:
+    """Whitened internal coordinates of every training frame and a sampler of mixed-peptide batches.
+
+    Parameters
+    ----------
+    flow : InternalCoordinateFlow
+        Its whitening statistics define ``z``.
+    trajectories : sequence of PeptideTrajectory
+    peptides_per_batch : int
+        Distinct peptides in one batch (frames are split evenly between them).
+    """
+
+    def __init__(self, flow, trajectories: Sequence[Any], peptides_per_batch: int = 8, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        from ..icflow import collate_contexts
+        from ..internal_coordinates import to_internal
+
+        self.peptides: list[_Peptide] = []
+        for t in tqdm(trajectories, disable=not progress, desc="internal coordinates", unit="peptide"):
+            ctx = flow.condition(t.encoding, peptide_bonds(t))
+            ic = torch.stack(to_internal(torch.as_tensor(t.positions, dtype=torch.float64), ctx.zmatrix), -1)
+            z, log_det = flow.whiten(ic, collate_contexts([ctx]))
+            self.peptides.append(_Peptide(t.name, ctx, z.float(), float(log_det[0]), int(ctx.dof.sum())))
+        self.peptides_per_batch = int(peptides_per_batch)
+        self.n_frames = np.array([len(p.z) for p in self.peptides])
+
+    def batch(self, batch_size: int, rng: np.random.Generator, device=None) -> dict[str, torch.Tensor]:
+        """A padded batch: ``z`` (B, N_max, 3), ``log_det`` (B,), ``n_dof`` (B,) and the context tensors."""
+        from ..icflow import collate_contexts
+
+        k = min(self.peptides_per_batch, len(self.peptides), batch_size)
+        chosen = rng.choice(len(self.peptides), size=k, replace=False)
+        counts = np.full(k, batch_size // k)
+        counts[: batch_size - counts.sum()] += 1
+        contexts, zs, dets, dofs = [], [], [], []
+        n_max = max(self.peptides[i].context.n_atoms for i in chosen)
+        for i, m in zip(chosen, counts):
+            p = self.peptides[i]
+            frames = rng.integers(len(p.z), size=int(m))
+            z = torch.zeros(int(m), n_max, 3)
+            z[:, : p.context.n_atoms] = p.z[frames]
+            contexts += [p.context] * int(m)
+            zs.append(z)
+            dets.append(torch.full((int(m),), p.log_det, dtype=torch.float64))
+            dofs.append(torch.full((int(m),), p.n_dof))
+        batch = collate_contexts(contexts)
+        batch.update(z=torch.cat(zs), log_det=torch.cat(dets), n_dof=torch.cat(dofs))
+        return {k: v.to(device) for k, v in batch.items()}
+
+
+def likelihood_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood per degree of freedom of a batch of whitened coordinates.
+
+    ``model`` is the flow or its DDP wrapper: calling it (``forward`` = `log_prob_whitened`) lets DDP
+    synchronise the gradients.
+    """
+    log_q = model(batch["z"], batch) + batch["log_det"]
+    return -(log_q / batch["n_dof"]).mean()

@@ -1,0 +1,166 @@
+"""Z-matrices and the exact Cartesian <-> internal-coordinate transform (round trip, Jacobian, chirality)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from openmm import app
+
+from openmm_tbg.encoding import encode_topology, signed_volumes, chiral_centers
+from openmm_tbg.internal_coordinates import (LOG_SO3_VOLUME, dihedral, from_internal, log_jacobian,
+                                             random_rotations, to_internal)
+from openmm_tbg.peptides import build_peptide
+from openmm_tbg.zmatrix import build_zmatrix
+
+FIXTURES = ("AA", "AC", "GP", "HT", "NY")
+
+
+def _molecule(fixture_dir, name):
+    pdb = app.PDBFile(str(fixture_dir / f"{name}.pdb"))
+    encoding = encode_topology(pdb.topology)
+    bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
+    frames = np.load(fixture_dir / f"{name}.npz")["positions"].astype(np.float64) * 1e-4
+    return encoding, bonds, frames
+
+
+def _kabsch_rmsd(x, y):
+    """RMSD after the best *proper* rotation (a mirror image does not align)."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    u, _, vt = np.linalg.svd(x.T @ y)
+    d = np.sign(np.linalg.det(u @ vt))
+    r = u @ np.diag([1, 1, d]) @ vt
+    return float(np.sqrt(((x @ r - y) ** 2).sum(1).mean()))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_round_trip_is_exact_on_md_frames(fixture_dir, name):
+    encoding, bonds, frames = _molecule(fixture_dir, name)
+    zm = build_zmatrix(encoding, bonds)
+    x = torch.as_tensor(frames[:50])
+    y = from_internal(*to_internal(x, zm), zm)
+    worst = max(_kabsch_rmsd(a, b) for a, b in zip(x.numpy(), y.numpy()))
+    assert worst < 1e-9
+    # internal coordinates of the rebuilt frames equal the originals
+    for a, b in zip(to_internal(x, zm), to_internal(y, zm)):
+        diff = torch.remainder(a - b + math.pi, 2 * math.pi) - math.pi
+        assert float(diff.abs().max()) < 1e-9
+
+
+def test_every_amino_acid_and_ring_closures():
+    """All 20 amino acids in one chain: the build covers every atom, closes each ring once and is exact."""
+    pep = build_peptide("ACDEFGHIKLMNPQRSTVWY")
+    encoding = encode_topology(pep.topology)
+    bonds = [(b[0].index, b[1].index) for b in pep.topology.bonds()]
+    zm = build_zmatrix(encoding, bonds)
+    assert sorted(zm.order.tolist()) == list(range(encoding.n_atoms))
+    # rings: F, H, P, W (two), Y -> 6 closures; the spanning tree has N - 1 bonds
+    assert len(zm.ring_closures) == 6 and len(bonds) == encoding.n_atoms - 1 + 6
+    x = torch.as_tensor(np.asarray(pep.positions.value_in_unit(pep.positions.unit)), dtype=torch.float64)[None]
+    y = from_internal(*to_internal(x, zm), zm)
+    assert _kabsch_rmsd(x[0].numpy(), y[0].numpy()) < 1e-9
+    # references are placed before the atom they place
+    position = zm.position_of
+    for p in range(1, encoding.n_atoms):
+        refs = [r for r in zm.refs[p] if r >= 0]
+        assert len(refs) == min(p, 3) and all(position[r] < p for r in refs)
+
+
+def test_chirality_is_a_narrow_improper_dihedral(fixture_dir):
+    """CB at CA is placed by an improper dihedral whose sign is the chirality: flipping it gives D."""
+    encoding, bonds, frames = _molecule(fixture_dir, "AA")
+    zm = build_zmatrix(encoding, bonds)
+    names = [encoding.atom_names[i] for i in zm.order]
+    cb = [p for p, nm in enumerate(names) if nm == "CB"]
+    assert all(zm.improper[p] for p in cb)
+    b, a, d = to_internal(torch.as_tensor(frames[:200]), zm)
+    for p in cb:
+        assert float(d[:, p].std()) < 0.2 and abs(float(d[:, p].mean())) > 1.5  # single narrow mode near +-2.1
+    centers = chiral_centers(encoding)
+    flipped = d.clone()
+    flipped[:, cb[0]] = -flipped[:, cb[0]]
+    flipped[:, [p for p, nm in enumerate(names) if nm == "HA"]] *= -1
+    x_d = from_internal(b, a, flipped, zm).numpy()
+    vol_l = signed_volumes(frames[:200], centers)
+    vol_d = signed_volumes(x_d, centers)
+    assert np.all(vol_l > 0)
+    assert np.all(vol_d[:, 0] < 0) and np.all(vol_d[:, 1:] > 0)
+
+
+def test_dihedral_sign_matches_mdtraj(fixture_dir):
+    import mdtraj
+
+    encoding, bonds, frames = _molecule(fixture_dir, "AA")
+    traj = mdtraj.Trajectory(frames[:20], mdtraj.Topology.from_openmm(app.PDBFile(str(fixture_dir / "AA.pdb")).topology))
+    idx, phi = mdtraj.compute_phi(traj)
+    x = torch.as_tensor(frames[:20])
+    ours = dihedral(*(x[:, i] for i in idx[0])).numpy()
+    np.testing.assert_allclose(ours, phi[:, 0], atol=1e-5)
+
+
+def _euler(alpha, beta, gamma):
+    def rz(t):
+        c, s = torch.cos(t), torch.sin(t)
+        zero, one = torch.zeros_like(t), torch.ones_like(t)
+        return torch.stack([torch.stack([c, -s, zero]), torch.stack([s, c, zero]), torch.stack([zero, zero, one])])
+
+    c, s = torch.cos(alpha), torch.sin(alpha)
+    zero, one = torch.zeros_like(alpha), torch.ones_like(alpha)
+    ry = torch.stack([torch.stack([c, zero, s]), torch.stack([zero, one, zero]), torch.stack([-s, zero, c])])
+    return rz(beta) @ ry @ rz(gamma)
+
+
+def _subspace_basis(n):
+    """Orthonormal basis (3n, 3n - 3) of the centre-of-geometry-free subspace of R^{3n}."""
+    q, _ = np.linalg.qr(np.eye(n) - 1.0 / n)
+    basis = q[:, : n - 1]  # orthonormal basis of the mean-free vectors in R^n
+    return torch.as_tensor(np.kron(basis, np.eye(3)))
+
+
+@pytest.mark.parametrize("name", ["AA", "HT"])
+def test_log_jacobian_matches_brute_force_autograd(fixture_dir, name):
+    """log |det d y / d (internal, Euler angles)| by autograd equals the closed form (+ log sin alpha)."""
+    encoding, bonds, frames = _molecule(fixture_dir, name)
+    zm = build_zmatrix(encoding, bonds)
+    n = encoding.n_atoms
+    dof = torch.as_tensor(zm.dof_mask)
+    ic0 = torch.stack(to_internal(torch.as_tensor(frames[3:4]), zm), -1)[0]
+    basis = _subspace_basis(n)
+    angles0 = torch.tensor([0.7, 1.9, -2.3], dtype=torch.float64)
+
+    def y_of(params):
+        ic = torch.zeros(n, 3, dtype=torch.float64)
+        ic[dof] = params[:-3]
+        rot = _euler(*params[-3:])[None]
+        x = from_internal(ic[None, :, 0], ic[None, :, 1], ic[None, :, 2], zm, rot)[0]
+        return basis.T @ x.reshape(-1)
+
+    params = torch.cat([ic0[dof], angles0])
+    jac = torch.autograd.functional.jacobian(y_of, params)
+    assert jac.shape == (3 * n - 3, 3 * n - 3)
+    brute = float(torch.linalg.slogdet(jac)[1])
+    closed = -float(log_jacobian(ic0[None, :, 0], ic0[None, :, 1], zm)[0]) - LOG_SO3_VOLUME + math.log(math.sin(0.7))
+    assert brute == pytest.approx(closed, abs=1e-8)
+
+
+def test_random_rotations_are_proper_and_uniform():
+    g = torch.Generator().manual_seed(1)
+    r = random_rotations(4000, g)
+    np.testing.assert_allclose(torch.linalg.det(r).numpy(), 1.0, atol=1e-12)
+    np.testing.assert_allclose((r @ r.transpose(1, 2)).numpy(), np.broadcast_to(np.eye(3), (4000, 3, 3)), atol=1e-12)
+    # Haar: the image of a fixed vector is uniform on the sphere, so each coordinate of it has mean 0 and
+    # variance 1/3 (standard error of the variance sqrt(4/45 / n) for a uniform coordinate).
+    v = (r @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)).numpy()
+    assert np.all(np.abs(v.mean(0)) < 5 * np.sqrt(1 / 3 / 4000))
+    assert np.all(np.abs(v.var(0) - 1 / 3) < 5 * np.sqrt(4 / 45 / 4000))
+
+
+def test_bad_bond_graphs_are_refused():
+    from openmm_tbg.testing import harmonic_chain
+
+    _, _, encoding = harmonic_chain(4)
+    with pytest.raises(ValueError, match="not connected"):
+        build_zmatrix(encoding, [(0, 1), (2, 3)])
+    with pytest.raises(ValueError, match="distinct atoms"):
+        build_zmatrix(encoding, [(0, 7)])
