@@ -14,14 +14,14 @@ foreign and incompatible files raise :class:`CheckpointError` with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .utils import atomic_write, file_sha256  # file_sha256 stays importable from here
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "tbg_dipeptide
 
 class CheckpointError(ValueError):
     """A checkpoint file is corrupt, not an openmm_tbg checkpoint, or incompatible with this version."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_metadata(value: Any, where: str = "metadata") -> None:
@@ -112,19 +103,8 @@ def save_model(flow, path: str | os.PathLike, metadata: dict | None = None) -> s
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file in the same directory, then rename: a crash never leaves a half-written model.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        from openmm_tbg.data import _default_file_mode
-
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600 files, unreadable for other users of a model
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # A crash never leaves a half-written model; the file gets the usual umask-based mode.
+    atomic_write(path, lambda fh: torch.save(payload, fh))
     digest = file_sha256(path)
     logger.info("saved model to %s (sha256 %s)", path, digest)
     return digest

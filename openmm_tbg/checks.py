@@ -6,7 +6,8 @@ from typing import Optional
 
 import numpy as np
 import openmm
-from openmm import unit
+
+from .utils import to_nm
 
 __all__ = ["check_system", "check_positions"]
 
@@ -52,12 +53,25 @@ def check_system(system: openmm.System, n_atoms: Optional[int] = None, *, what: 
 
 
 def check_positions(positions, n_atoms: int, *, what: str = "positions") -> np.ndarray:
-    """Return positions as a float64 array (n_atoms, 3) or (n, n_atoms, 3) in nm, refusing NaN and bad shapes."""
-    if unit.is_quantity(positions):
-        if not positions.unit.is_compatible(unit.nanometer):
-            raise TypeError(f"{what} have units of {positions.unit}, not lengths; pass nm or a length Quantity.")
-        positions = positions.value_in_unit(unit.nanometer)
-    x = np.asarray(positions, dtype=np.float64)
+    """Return positions as a float64 array (n_atoms, 3) or (n, n_atoms, 3) in nm, refusing NaN and bad shapes.
+
+    Parameters
+    ----------
+    positions : array_like or openmm.unit.Quantity
+        nm if unitless.
+    n_atoms : int
+        Atoms of the molecule.
+    what : str
+        How to call the positions in messages.
+
+    Raises
+    ------
+    TypeError
+        A Quantity that is not a length.
+    ValueError
+        A wrong shape, or NaN / infinite coordinates.
+    """
+    x = to_nm(positions, name=what)
     if x.shape[-2:] != (n_atoms, 3) or x.ndim not in (2, 3):
         raise ValueError(f"{what} must have shape ({n_atoms}, 3) or (n, {n_atoms}, 3) in nm, got {x.shape}.")
     if not np.isfinite(x).all():

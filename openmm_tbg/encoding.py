@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .utils import to_nm
+
 logger = logging.getLogger(__name__)
 
 ENCODING_VERSION = "tbg-full-v2"
@@ -461,18 +463,6 @@ def encode_topology(topology, positions=None) -> AtomEncoding:
     return enc
 
 
-def _as_nm_array(positions) -> np.ndarray:
-    try:
-        from openmm import unit
-
-        if unit.is_quantity(positions):
-            positions = positions.value_in_unit(unit.nanometer)
-    except ImportError:  # pragma: no cover - openmm is a hard dependency
-        pass
-    arr = np.asarray(positions, dtype=np.float64)
-    return arr
-
-
 def chiral_centers(encoding: AtomEncoding) -> np.ndarray:
     """Chiral centres of a peptide and the neighbour ordering that defines their handedness.
 
@@ -518,7 +508,7 @@ def signed_volumes(positions_nm, centers: np.ndarray) -> np.ndarray:
     numpy.ndarray
         float64 (n_frames, k), nm^3; positive for L.
     """
-    x = _as_nm_array(positions_nm)
+    x = to_nm(positions_nm)
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or x.shape[-1] != 3:
@@ -538,7 +528,7 @@ def check_chirality(encoding: AtomEncoding, positions) -> None:
     positions : array-like or Quantity
         (n_atoms, 3) or (n_frames, n_atoms, 3), nm if unitless.
     """
-    x = _as_nm_array(positions)
+    x = to_nm(positions)
     if x.ndim not in (2, 3) or x.shape[-2:] != (encoding.n_atoms, 3):
         raise ValueError(f"positions have shape {x.shape}, expected ({encoding.n_atoms}, 3) or "
                          f"(n_frames, {encoding.n_atoms}, 3) for this topology.")

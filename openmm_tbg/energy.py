@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import openmm
 from openmm import unit
+
+# The platform choice lives in utils (one preference order for energies and MD); importable from here too.
+from .utils import PLATFORM_PREFERENCE, select_platform, to_nm  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +28,6 @@ __all__ = ["ReducedPotential", "select_platform", "to_kelvin", "MOLAR_GAS_CONSTA
 
 #: Molar gas constant in kJ/(mol K), the same value as openmm.unit's MOLAR_GAS_CONSTANT_R.
 MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
-
-#: Platforms in order of preference.
-PLATFORM_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
 
 #: Temperatures outside this range (kelvin) are refused as almost certainly a unit mistake.
 TEMPERATURE_RANGE_K = (1.0, 2000.0)
@@ -74,33 +74,6 @@ def to_kelvin(temperature, *, name: str = "temperature") -> float:
             f"{name} = {value} K is outside the supported range {low:g}-{high:g} K. "
             f"Check the units: pass e.g. 310*openmm.unit.kelvin.")
     return value
-
-
-def select_platform(platform: Union[None, str, openmm.Platform] = None) -> openmm.Platform:
-    """Return an OpenMM Platform: the given one, or the fastest available (CUDA > OpenCL > CPU > Reference).
-
-    Parameters
-    ----------
-    platform : None, str or openmm.Platform
-        None picks the fastest available platform; a name picks that platform.
-
-    Raises
-    ------
-    ValueError
-        If a named platform is not available; the message lists the available ones.
-    """
-    if isinstance(platform, openmm.Platform):
-        return platform
-    available = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-    if platform is not None:
-        if platform not in available:
-            raise ValueError(f"OpenMM platform {platform!r} is not available here; available platforms are "
-                             f"{available}. Pass one of these, or platform=None to pick the fastest.")
-        return openmm.Platform.getPlatformByName(platform)
-    for name in PLATFORM_PREFERENCE:
-        if name in available:
-            return openmm.Platform.getPlatformByName(name)
-    return openmm.Platform.getPlatform(0)
 
 
 def _make_context(system: openmm.System, platform: openmm.Platform, properties: dict) -> openmm.Context:
@@ -255,9 +228,7 @@ class ReducedPotential:
         -------
         numpy.ndarray, shape (n_frames,)
         """
-        if unit.is_quantity(positions_nm):
-            positions_nm = positions_nm.value_in_unit(unit.nanometer)
-        x = np.asarray(positions_nm, dtype=np.float64)
+        x = to_nm(positions_nm)
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):

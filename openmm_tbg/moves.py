@@ -26,8 +26,9 @@ from openmmtools import mcmc
 
 from .checkpoint import file_sha256, load_model, resolve_model
 from .checks import check_system
-from .sampler import BoltzmannGeneratorSampler, given_flow_options, resolve_device, symmetry_options
+from .sampler import BoltzmannGeneratorSampler, given_flow_options, symmetry_options
 from .serialization import encoding_from_dict, encoding_to_dict
+from .utils import resolve_device, spawn_generators, to_nm
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -151,9 +152,7 @@ class TBGMove(mcmc.MCMCMove):
         self.context = flow.condition(encoding, self.bonds)
         # Mirror / relabel proposals only if the model's density has that symmetry (else they are rejected).
         self.checker = ValidityChecker.from_bonds(self.bonds, encoding, **validity, **symmetry_options(flow))
-        torch_seed, np_seed = seed_seq.spawn(2)
-        self._torch_generator = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> 1))
-        self._rng = np.random.default_rng(np_seed)
+        self._rng, self._torch_generator = spawn_generators(seed_seq, torch_first=True)
         self._buffer: list = []
         self._cache = None  # (positions, log q) of the last state whose density is known
 
@@ -265,8 +264,7 @@ class TBGMove(mcmc.MCMCMove):
         if positions is None:
             raise ValueError("TBGMove: the SamplerState has no positions; create it with "
                              "openmmtools.states.SamplerState(positions).")
-        x = np.array(positions.value_in_unit(unit.nanometer) if unit.is_quantity(positions) else positions,
-                     dtype=np.float64)
+        x = to_nm(positions, name="TBGMove: the SamplerState's positions").copy()
         if x.shape != (self.encoding.n_atoms, 3):
             raise ValueError(f"TBGMove: the SamplerState has positions of shape {x.shape}, but the move's peptide "
                              f"has {self.encoding.n_atoms} atoms; use the move with the System it was built for.")
@@ -335,7 +333,7 @@ class TBGMove(mcmc.MCMCMove):
         """The device the move was built on, or the CPU (with a warning) where that device is missing."""
         import torch
 
-        device = str(resolve_device(stored))
+        device = str(resolve_device(stored, check_only=True))
         if device.startswith("cuda") and not torch.cuda.is_available():
             logger.warning("TBGMove was stored on %s, which this machine lacks; restoring it on the CPU.", device)
             return "cpu"

@@ -22,6 +22,7 @@ from .checkpoint import resolve_model
 from .checks import check_positions, check_system
 from .energy import ReducedPotential, to_kelvin
 from .results import SampleResult
+from .utils import resolve_device, spawn_generators
 from .validity import REJECTION_REASONS, ValidityChecker
 from .weights import kish_ess, normalise_log_weights
 
@@ -32,15 +33,6 @@ __all__ = ["BoltzmannGeneratorSampler", "SampleResult", "METHODS", "ALL_REJECTIO
 #: All reasons a proposal can be rejected, in the order they are checked.
 ALL_REJECTION_REASONS = REJECTION_REASONS + ("non_finite_log_q", "non_finite_energy")
 METHODS = ("importance", "metropolis", "none")
-
-
-def resolve_device(device) -> "torch.device":
-    """``"auto"``/None: CUDA when available, else CPU; otherwise ``torch.device(device)``."""
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def given_flow_options(ode_method: Optional[str] = None, atol: Optional[float] = None,
@@ -160,11 +152,8 @@ class BoltzmannGeneratorSampler:
                                        **symmetry_options(self.flow), **self.validity_options)
         self.reduced_potential = ReducedPotential(system, self.temperature, platform=platform,
                                                   n_workers=n_workers)
-        seq = np.random.SeedSequence(seed)
-        torch_seed, np_seed = seq.spawn(2)
-        self.seed_sequence = seq
-        self._torch_generator = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> 1))
-        self._rng = np.random.default_rng(np_seed)
+        self.seed_sequence = np.random.SeedSequence(seed)
+        self._rng, self._torch_generator = spawn_generators(self.seed_sequence, torch_first=True)
         logger.info("BoltzmannGeneratorSampler: %d atoms, T = %.1f K, flow on %s, model %s", n_atoms,
                     self.temperature, self.device, self.model_path or "(in memory)")
 
@@ -266,8 +255,10 @@ class BoltzmannGeneratorSampler:
         if not valid.any():
             logger.warning("None of the %d flow samples is valid (rejections: %s).", n, rejections)
         if method in ("importance", "none"):
-            lw = normalise_log_weights(log_w) if method == "importance" else np.where(valid, -np.log(max(1, valid.sum())),
-                                                                            -np.inf)
+            if method == "importance":
+                lw = normalise_log_weights(log_w)
+            else:  # uniform over the valid samples
+                lw = np.where(valid, -np.log(max(1, valid.sum())), -np.inf)
             result = SampleResult(positions=p["positions"], log_weights=lw, reduced_potentials=p["u"],
                                   log_q=p["log_q"], valid=valid, reasons=p["reasons"], acceptance_rate=None,
                                   method=method, proposal_index=np.arange(n), **common)
@@ -330,8 +321,6 @@ class BoltzmannGeneratorSampler:
     def close(self) -> None:
         """Release energy worker processes."""
         self.reduced_potential.close()
-
-
 
 
 # Names that lived here before the restructuring, still importable from this module.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -156,8 +157,7 @@ def assert_equivariant(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Exactly solvable toy problems for testing samplers and MCMC moves (appended by the sampler engineer).
-import numpy as np  # noqa: E402
+# Exactly solvable toy problems for testing samplers and MCMC moves.
 
 
 class LinearVectorField(torch.nn.Module):
@@ -206,11 +206,12 @@ def harmonic_chain(n_particles: int = 3, sigma_nm: float = 0.1, temperature_K: f
         Every atom has its own atom-class token (no interchangeable atoms), no chiral centres.
     """
     import openmm
-    from openmm import app, unit
+    from openmm import app
 
     from .encoding import AtomEncoding
+    from .energy import MOLAR_GAS_CONSTANT
 
-    kT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin) * temperature_K
+    kT = MOLAR_GAS_CONSTANT * temperature_K
     k = kT / sigma_nm**2 if spring_constant is None else float(spring_constant)
     system = openmm.System()
     bonds = openmm.HarmonicBondForce()
@@ -293,9 +294,10 @@ def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_func
     """
     import copy
 
-    from openmm import unit
     from openmmtools import cache
     from pymbar import timeseries
+
+    from .utils import to_nm
 
     pi = np.asarray(target_probabilities, dtype=np.float64)
     k = len(pi)
@@ -306,7 +308,7 @@ def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_func
     state = copy.deepcopy(sampler_state)
 
     def bin_of(s):
-        b = int(state_function(np.asarray(s.positions.value_in_unit(unit.nanometer))))
+        b = int(state_function(to_nm(s.positions)))
         if not 0 <= b < k:
             raise ValueError(f"state_function returned {b}, outside range({k}).")
         return b

@@ -32,6 +32,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .utils import to_nm
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ValidityChecker", "ValidityReport", "COVALENT_RADII_NM", "REJECTION_REASONS"]
@@ -194,7 +196,7 @@ class ValidityChecker:
         self.statistics = {"n": 0, "valid": 0, **{r: 0 for r in REJECTION_REASONS}, "mirrored": 0,
                            "relabelled": 0}
         if reference_positions is not None:
-            ref = _as_nm(reference_positions)
+            ref = to_nm(reference_positions, name="reference_positions")
             if ref.shape != (n, 3) or not np.isfinite(ref).all():
                 raise ValueError(f"reference_positions must be finite with shape ({n}, 3) nm, got {ref.shape}.")
             if self.check_bonds and not np.array_equal(self.bond_graph(ref[None])[0], self.adjacency):
@@ -315,7 +317,7 @@ class ValidityChecker:
         -------
         ValidityReport
         """
-        x = _as_nm(positions_nm)
+        x = to_nm(positions_nm)
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
@@ -368,11 +370,3 @@ class ValidityChecker:
         for key, value in report.counts.items():
             self.statistics[key] += value
         return report
-
-
-def _as_nm(positions) -> np.ndarray:
-    from openmm import unit
-
-    if unit.is_quantity(positions):
-        positions = positions.value_in_unit(unit.nanometer)
-    return np.asarray(positions, dtype=np.float64)
