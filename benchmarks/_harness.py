@@ -131,24 +131,17 @@ def divergence_along(flow, tokens: torch.Tensor, x0: torch.Tensor, nodes: np.nda
     is one stacked batch. Returns the (K, B) float64 divergences (1/unit time, i.e. kT of log q per unit t),
     the positions at the last time and the number of position-only function evaluations.
     """
-    from torchdiffeq import odeint
-
-    from openmm_tbg.flow import _AugmentedDynamics, _PositionDynamics
-
-    positions = _PositionDynamics(flow.vector_field, tokens)
-    times = torch.tensor(np.r_[0.0, nodes, [] if t_end is None else [t_end]], dtype=x0.dtype)
-    with torch.no_grad():
-        xs = odeint(positions, x0, times, method="dopri5", atol=tol, rtol=tol,
-                    options=None if norm is None else dict(norm=norm))
-    dynamics = _AugmentedDynamics(flow.vector_field, tokens, "exact", None, None)
+    times = np.r_[0.0, nodes, [] if t_end is None else [t_end]]
+    xs, nfe = flow.integrate_positions(x0, tokens, times, method="dopri5", atol=tol, rtol=tol, norm=norm)
+    node_times = torch.as_tensor(times[1:1 + len(nodes)], dtype=x0.dtype, device=x0.device)
     batch, n_atoms = x0.shape[:2]
     values = np.zeros((len(nodes), batch))
     for start in range(0, len(nodes), chunk):
         k = min(chunk, len(nodes) - start)
-        t = times[1 + start:1 + start + k].repeat_interleave(batch)
+        t = node_times[start:start + k].repeat_interleave(batch)
         x = xs[1 + start:1 + start + k].reshape(k * batch, n_atoms, 3)
-        values[start:start + k] = dynamics.divergence_at(t, x)[1].double().numpy().reshape(k, batch)
-    return values, xs[-1], positions.nfe
+        values[start:start + k] = flow.divergence(t, x, tokens)[1].double().cpu().numpy().reshape(k, batch)
+    return values, xs[-1], nfe
 
 
 # ----------------------------------------------------------------------------------------------------- MD

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
 
     dev = pick_device("cpu", threads=args.threads)
     flow = load_model(args.model)
-    tokens = flow._as_tokens(encode_topology(build_peptide(args.peptide).topology))
+    tokens = flow.condition(encode_topology(build_peptide(args.peptide).topology))
     n_atoms = tokens.shape[0]
     z = flow.sample_prior(args.samples, n_atoms, generator=torch.Generator().manual_seed(args.seed))
 

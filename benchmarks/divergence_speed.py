@@ -51,7 +51,7 @@ def main(argv=None) -> None:
                    ("per sample", 10, ".4f"), ("forwards", 8, ".2f"), ("max diff", 8, ".1e")])
     table.header()
     for seq in args.peptides:
-        tokens = flow._as_tokens(encode_topology(build_peptide(seq).topology))
+        tokens = flow.condition(encode_topology(build_peptide(seq).topology))
         n_atoms = tokens.shape[0]
         for batch in args.batch_sizes:
             x = flow.sample_prior(batch, n_atoms, generator=torch.Generator().manual_seed(0)).to(dev) * 0.5

@@ -40,7 +40,7 @@ def divergence_curves(flow, pdb_path: str, n_samples: int, seed: int) -> np.ndar
     """(48, n_samples) exact divergence at the 48 Gauss-Legendre nodes of tight trajectories."""
     from openmm import app
 
-    tokens = flow._as_tokens(encode_topology(app.PDBFile(pdb_path).topology))
+    tokens = flow.condition(encode_topology(app.PDBFile(pdb_path).topology))
     x0 = flow.sample_prior(n_samples, tokens.shape[0], generator=torch.Generator().manual_seed(seed))
     return divergence_along(flow, tokens, x0, gauss_legendre(N_REFERENCE)[0], 1e-7)[0]
 

@@ -74,7 +74,7 @@ def main(argv=None) -> None:
                    ("tail", 8, ".3g")])
     table.header()
     for seq in args.peptides:
-        tokens = flow._as_tokens(encode_topology(build_peptide(seq).topology))
+        tokens = flow.condition(encode_topology(build_peptide(seq).topology))
         x0 = flow.sample_prior(args.samples, tokens.shape[0], generator=torch.Generator().manual_seed(args.seed))
         def integral(nodes: np.ndarray, weights: np.ndarray, with_tail: bool = False):
             order = np.argsort(nodes)

@@ -18,12 +18,10 @@ import os
 import numpy as np
 import torch
 from _harness import Table, header, pick_device
-from torchdiffeq import odeint
 
 from openmm_tbg.checkpoint import load_model
 from openmm_tbg.data import read_splits
 from openmm_tbg.encoding import encode_topology
-from openmm_tbg.flow import _PositionDynamics
 from openmm_tbg.validity import ValidityChecker
 
 
@@ -36,16 +34,13 @@ def valid_counts(flow, pdb_path: str, n: int, seed: int, batch_size: int) -> dic
     pdb = app.PDBFile(pdb_path)
     encoding = encode_topology(pdb.topology)
     checker = ValidityChecker(pdb.topology, encoding, reference_positions=to_nm(pdb.positions))
-    tokens = flow._as_tokens(encoding)
+    tokens = flow.condition(encoding)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    times = torch.tensor([0.0, 1.0])
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
         x0 = flow.sample_prior(m, encoding.n_atoms, generator=generator)
-        with torch.no_grad():
-            x1 = odeint(_PositionDynamics(flow.vector_field, tokens), x0, times, method="dopri5",
-                        atol=1e-4, rtol=1e-4)[-1]
+        x1 = flow.integrate_positions(x0, tokens, [0.0, 1.0], method="dopri5", atol=1e-4, rtol=1e-4)[0][-1]
         checker((x1 * flow.length_scale).double().numpy(), rng=rng)
     return dict(checker.statistics)
 

@@ -40,7 +40,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -398,7 +398,8 @@ class TransferableFlow(nn.Module):
         return resolved
 
     def integrate_positions(self, x0: torch.Tensor, tokens: Any, times: Any, *, method: str = "dopri5",
-                            atol: float = 1e-5, rtol: float = 1e-5, step_size: float | None = None
+                            atol: float = 1e-5, rtol: float = 1e-5, step_size: float | None = None,
+                            norm: Callable[[torch.Tensor], torch.Tensor] | None = None
                             ) -> tuple[torch.Tensor, int]:
         """Integrate positions alone (no divergence) and return them at ``times``.
 
@@ -411,6 +412,9 @@ class TransferableFlow(nn.Module):
             Monotonic times in [0, 1] (0 = prior, 1 = data).
         method, atol, rtol, step_size
             As in `sample`.
+        norm : callable, optional
+            Error norm of adaptive methods (torchdiffeq's ``norm`` option, e.g. the largest per-sample RMS);
+            None: torchdiffeq's RMS over the whole batch, as in `sample`.
 
         Returns
         -------
@@ -423,6 +427,8 @@ class TransferableFlow(nn.Module):
 
         tokens = self._as_tokens(tokens)
         options = self._check_solver(method, atol, rtol, step_size, "exact")
+        if norm is not None:
+            options = {**options, "norm": norm}
         t = torch.as_tensor(np.asarray(times, dtype=np.float64), dtype=x0.dtype, device=x0.device)
         func = _PositionDynamics(self.vector_field, tokens)
         with torch.no_grad():
