@@ -9,7 +9,7 @@ import openmm
 
 from .utils import to_nm
 
-__all__ = ["check_system", "check_positions"]
+__all__ = ["check_system", "check_positions", "as_frames"]
 
 
 def check_system(system: openmm.System, n_atoms: Optional[int] = None, *, what: str = "System") -> None:
@@ -52,24 +52,52 @@ def check_system(system: openmm.System, n_atoms: Optional[int] = None, *, what: 
                          f"atoms; create the System from the same Topology (ForceField.createSystem(topology)).")
 
 
-def check_positions(positions, n_atoms: int, *, what: str = "positions") -> np.ndarray:
-    """Return positions as a float64 array (n_atoms, 3) or (n, n_atoms, 3) in nm, refusing NaN and bad shapes.
+def as_frames(positions, n_atoms: int, *, what: str = "positions", hint: str = "") -> np.ndarray:
+    """Positions as a float64 array (n_frames, n_atoms, 3) in nm; one structure (n_atoms, 3) becomes one frame.
+
+    Non-finite coordinates are kept: the callers (energies, validity checks) count them per frame.
 
     Parameters
     ----------
     positions : array_like or openmm.unit.Quantity
-        nm if unitless.
+        ``(n_frames, n_atoms, 3)`` or ``(n_atoms, 3)``; nm if unitless.
     n_atoms : int
         Atoms of the molecule.
     what : str
         How to call the positions in messages.
+    hint : str
+        Appended to the shape error (e.g. where the atom count comes from).
 
     Raises
     ------
     TypeError
         A Quantity that is not a length.
     ValueError
-        A wrong shape, or NaN / infinite coordinates.
+        A wrong shape.
+    """
+    x = to_nm(positions, name=what)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[1:] != (n_atoms, 3):
+        raise ValueError(f"{what} must have shape (n_frames, {n_atoms}, 3) or ({n_atoms}, 3) in nm, got "
+                         f"{x.shape}.{hint}")
+    return x
+
+
+def check_positions(positions, n_atoms: int, *, what: str = "positions") -> np.ndarray:
+    """Return positions as a float64 array (n_atoms, 3) or (n, n_atoms, 3) in nm, refusing NaN and bad shapes.
+
+    Unlike `as_frames`, one structure keeps its shape and non-finite coordinates are refused.
+
+    Parameters
+    ----------
+    positions, n_atoms, what
+        As for `as_frames`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for `as_frames`; ValueError also for NaN or infinite coordinates.
     """
     x = to_nm(positions, name=what)
     if x.shape[-2:] != (n_atoms, 3) or x.ndim not in (2, 3):

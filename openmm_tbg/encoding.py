@@ -140,10 +140,8 @@ def atom_name_class(amino_acid: str, atom_name: str) -> str:
 
     Parameters
     ----------
-    amino_acid : str
-        Three-letter code of the residue (HIS variants may be given as HIS, HID, HIE or HIP).
-    atom_name : str
-        Atom name as in the topology (amber/PDB names, e.g. ``"HB2"``, ``"OD1"``).
+    amino_acid, atom_name : str
+        Residue code and atom name, as for :func:`atom_name_class_v1`.
 
     Returns
     -------

@@ -19,8 +19,9 @@ import numpy as np
 import openmm
 from openmm import unit
 
+from .checks import as_frames
 # The platform choice lives in utils (one preference order for energies and MD); importable from here too.
-from .utils import PLATFORM_PREFERENCE, select_platform, to_nm  # noqa: F401
+from .utils import PLATFORM_PREFERENCE, select_platform  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -228,12 +229,7 @@ class ReducedPotential:
         -------
         numpy.ndarray, shape (n_frames,)
         """
-        x = to_nm(positions_nm)
-        if x.ndim == 2:
-            x = x[None]
-        if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
-            raise ValueError(f"positions must have shape (n_frames, {self.n_atoms}, 3) in nm, got {x.shape}. "
-                             f"The System has {self.n_atoms} particles.")
+        x = as_frames(positions_nm, self.n_atoms, hint=f" The System has {self.n_atoms} particles.")
         n = len(x)
         finite = np.isfinite(x).all(axis=(1, 2))
         energies = np.full(n, np.inf)
@@ -263,11 +259,12 @@ class ReducedPotential:
 
         Parameters
         ----------
-        positions_nm : array_like or openmm.unit.Quantity, shape (n_frames, n_atoms, 3) or (n_atoms, 3)
-            Positions in nm.
+        positions_nm : array_like or openmm.unit.Quantity
+            nm, shaped as for :meth:`energies`.
 
         Returns
         -------
-        numpy.ndarray, shape (n_frames,)
+        numpy.ndarray
+            ``(n_frames,)`` reduced potentials.
         """
         return self.energies(positions_nm) / self.kT

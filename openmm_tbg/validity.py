@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .checks import as_frames
 from .utils import to_nm
 
 logger = logging.getLogger(__name__)
@@ -317,12 +318,7 @@ class ValidityChecker:
         -------
         ValidityReport
         """
-        x = to_nm(positions_nm)
-        if x.ndim == 2:
-            x = x[None]
-        if x.ndim != 3 or x.shape[1:] != (self.n_atoms, 3):
-            raise ValueError(f"positions must have shape (n, {self.n_atoms}, 3) nm, got {x.shape}.")
-        x = x.copy()
+        x = as_frames(positions_nm, self.n_atoms).copy()
         n = len(x)
         reasons = np.full(n, "", dtype=object)
         mirrored = np.zeros(n, dtype=bool)
