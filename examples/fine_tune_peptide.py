@@ -12,12 +12,17 @@ before step 2. The same thing from the command line::
     openmm-tbg simulate NT --out my_md --ns 1
     openmm-tbg train --data my_md --split all --peptides NT --out nt.pt --init-from default --steps 300 --lr 1e-4
 
-With the defaults, on one core of our 2-core CPU VM (measured piecewise on 2026-11-24, never as one complete
-run): the MD took 3.2 s per 10 ps frame in one run and 9.5 s in another (5-16 min for 1 ns), the 300
-fine-tuning steps take about 4 min (1.3-1.5 steps/s), and each model's 32 proposals with exact likelihoods about
-5 min (about 10 s per NT sample).
+The defaults are sized to finish in minutes on a CPU (0.2 ns of MD, 100 steps, 8 proposals per model): enough to
+see the workflow run, far too little to improve the model. A useful fine-tune takes more of each, for example
+``--ns 1 --steps 300 --samples 32``, which on one core of the 2-core CPU VM took about 5-16 min of MD (3.2-9.5 s
+per 10 ps frame in two runs), 4 min of training (1.3-1.5 steps/s) and 5 min per model for the 32 proposals
+(about 10 s per NT sample with exact likelihoods), measured piecewise on 2026-11-24.
 
-    python examples/fine_tune_peptide.py --sequence NT --ns 1 --steps 300 --samples 32
+Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM while other jobs shared it:
+see RUNTIME below.
+
+    python examples/fine_tune_peptide.py                       # NT, 0.2 ns, 100 steps, 8 proposals per model
+    python examples/fine_tune_peptide.py --ns 1 --steps 300 --samples 32
 """
 
 import argparse
@@ -37,16 +42,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", default="NT", help="one-letter dipeptide sequence (default NT)")
     parser.add_argument("--work-dir", default="fine_tune_run", help="MD frames and the fine-tuned model go here")
-    parser.add_argument("--ns", type=float, default=1.0, help="MD length, ns (default 1; frames every 10 ps)")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (default 300)")
+    parser.add_argument("--ns", type=float, default=0.2, help="MD length, ns (default 0.2; frames every 10 ps)")
+    parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=32, help="proposals per model (default 32)")
+    parser.add_argument("--samples", type=int, default=8, help="proposals per model (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     md_dir = os.path.join(args.work_dir, "md")
+    print(f"1/3: {args.ns:g} ns of MD of {args.sequence} into {md_dir}", flush=True)
     start = time.perf_counter()
     simulate([args.sequence], md_dir, ns=args.ns, seed=args.seed, progress=True)
     md_seconds = time.perf_counter() - start
@@ -56,26 +62,30 @@ def main(argv=None) -> int:
     config = TrainingConfig(steps=args.steps, lr=args.lr, warmup_steps=min(50, args.steps // 5),
                             batch_size=args.batch_size, coupling="ot", ema_decay=0.99, seed=args.seed,
                             checkpoint_every=0, device="auto")
+    print(f"2/3: {args.steps} fine-tuning steps from the shipped model ({md_seconds:.0f} s of MD done)", flush=True)
     start = time.perf_counter()
     result = train(trajectories, tuned_path, config, data_dir=md_dir, init_from=DEFAULT_MODEL_PATH)
     train_seconds = time.perf_counter() - start
 
     peptide = build_peptide(args.sequence)
     rows = []
+    print(f"3/3: {args.samples} proposals with exact likelihoods from each model ({train_seconds:.0f} s of "
+          "training done)", flush=True)
     for label, model in (("shipped", None), ("fine-tuned", tuned_path)):
         sampler = BoltzmannGeneratorSampler(peptide.system, peptide.topology, model=model,
                                             temperature=310 * unit.kelvin, seed=args.seed)
         start = time.perf_counter()
         sample = sampler.sample(args.samples, progress=True)
         rows.append((label, sample, time.perf_counter() - start))
+        sampler.close()
 
     print(f"\n{args.sequence}: {trajectories[0].n_frames} MD frames ({md_seconds:.0f} s), "
           f"{result.step} fine-tuning steps ({train_seconds:.0f} s), {args.samples} proposals per model")
-    print(f"{'model':>11} {'valid %':>8} {'ESS %':>7} {'seconds':>8}  rejections")
+    print(f"{'model':>11} {'valid %':>8} {'ESS %':>7} {'ESS (samples)':>13} {'seconds':>8}  rejections")
     for label, sample, seconds in rows:
         rejected = ", ".join(f"{k} {v}" for k, v in sample.rejections.items() if v) or "-"
-        print(f"{label:>11} {100 * sample.n_valid / sample.n_proposals:8.1f} {100 * sample.ess:7.2f} {seconds:8.0f}  "
-              f"{rejected}")
+        print(f"{label:>11} {100 * sample.n_valid / sample.n_proposals:8.1f} {100 * sample.ess:7.2f} "
+              f"{sample.effective_samples:13.1f} {seconds:8.0f}  {rejected}")
     return 0
 
 
