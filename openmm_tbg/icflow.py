@@ -35,13 +35,16 @@ from .ic_statistics import UNIFORM_ABOVE, WhiteningTable
 from .internal_coordinates import from_internal, log_jacobian, random_rotations, to_internal
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
+from .twins import apply_swaps, canonical_masks, twin_swaps
 from .zmatrix import ZMatrix, build_zmatrix
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InternalCoordinateFlow", "ICContext", "collate_contexts"]
 
-NONE, NORMAL, WRAPPED_NORMAL, UNIFORM = 0, 1, 2, 3
+# Base kinds per coordinate. HALF: a twin group's sense dihedral, bounded to a half circle (`openmm_tbg.twins`)
+# by z = (atanh(2 (phi - centre) / pi) - offset) / width with a standard normal base.
+NONE, NORMAL, WRAPPED_NORMAL, UNIFORM, HALF = 0, 1, 2, 3, 4
 _MAX_POSITIONS = 4096   # build positions for which the layers' coupling masks are defined
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -51,8 +54,9 @@ class ICContext:
     """Per-molecule input of the internal-coordinate flow (`InternalCoordinateFlow.condition`).
 
     All arrays are in Z-matrix build order: ``tokens`` (N, 4) [residue index, amino acid, atom class, role],
-    ``distances`` (N, N) bond-graph distances, ``dof`` (N, 3) which coordinates exist, ``centre``/``width``
-    (N, 3) whitening, ``base`` (N, 3) base-distribution kinds.
+    ``distances`` (N, N) bond-graph distances, ``dof`` (N, 3) which coordinates exist, ``centre``/``width``/
+    ``offset`` (N, 3) whitening, ``base`` (N, 3) base-distribution kinds; ``swaps`` the twin groups' canonical
+    sense rules.
     """
 
     zmatrix: ZMatrix
@@ -62,6 +66,8 @@ class ICContext:
     centre: torch.Tensor
     width: torch.Tensor
     base: torch.Tensor
+    offset: torch.Tensor
+    swaps: tuple = ()
     sequence: str = ""
 
     @property
@@ -79,10 +85,11 @@ def collate_contexts(contexts: Sequence[ICContext], device=None) -> dict[str, to
            "centre": torch.zeros(B, n_max, 3, dtype=torch.float64),
            "width": torch.ones(B, n_max, 3, dtype=torch.float64),
            "base": torch.zeros(B, n_max, 3, dtype=torch.long),
+           "offset": torch.zeros(B, n_max, 3, dtype=torch.float64),
            "mask": torch.zeros(B, n_max, dtype=torch.bool)}
     for b, c in enumerate(contexts):
         n = c.n_atoms
-        for key in ("tokens", "dof", "centre", "width", "base"):
+        for key in ("tokens", "dof", "centre", "width", "base", "offset"):
             out[key][b, :n] = getattr(c, key)
         out["distances"][b, :n, :n] = c.distances
         out["mask"][b, :n] = True
@@ -101,10 +108,18 @@ def _graph_distances(n: int, bonds: Sequence[tuple[int, int]]) -> np.ndarray:
     return np.where(np.isfinite(d), d, 99).astype(np.int64)
 
 
+def _half_whitening(mu: float, sigma: float, centre: float) -> tuple[float, float]:
+    """``(offset, width)`` in atanh space of a HALF entry whose canonical data have circular mean ``mu`` and
+    standard deviation ``sigma`` (rad): the linearised image of N(mu, sigma)."""
+    s = float(np.clip(2 / math.pi * (math.remainder(mu - centre, 2 * math.pi)), -0.95, 0.95))
+    return math.atanh(s), float(np.clip(sigma * (2 / math.pi) / (1 - s * s), 1e-3, 3.0))
+
+
 def _base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """Per-entry log density of the factorised base (0 where ``base == NONE``)."""
     z, width = z.double(), width.double()
     normal = -0.5 * z * z - 0.5 * _LOG_2PI
+    base = torch.where(base == HALF, torch.full_like(base, NORMAL), base)
     k = torch.arange(-3, 4, dtype=z.dtype, device=z.device) * (2 * math.pi)
     s = torch.where(base == WRAPPED_NORMAL, width, torch.ones_like(width))[..., None]
     wrapped = torch.logsumexp(-0.5 * ((z[..., None] + k) / s) ** 2, -1) - torch.log(s[..., 0]) - 0.5 * _LOG_2PI
@@ -126,11 +141,13 @@ class _Coupling(nn.Module):
         nn.init.zeros_(self.head.weight)  # identity at initialisation: the flow starts as its base
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, z: torch.Tensor, keep: torch.Tensor, h0: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, keep: torch.Tensor, half: torch.Tensor, h0: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
         """Spline parameters ``(B, N, C, 3K + 1)`` (C = 1 dihedral or 2 bond/angle channels) from the kept
         entries of ``z``."""
         zb = z[..., :2].clamp(-10, 10)
-        feats = torch.cat([zb, torch.cos(z[..., 2:]), torch.sin(z[..., 2:])], -1)
+        angle = torch.where(half, torch.atan(z[..., 2:]), z[..., 2:])  # HALF entries: unbounded -> an angle
+        feats = torch.cat([zb, torch.cos(angle), torch.sin(angle)], -1)
         feats = feats * torch.cat([keep[..., :2], keep[..., 2:], keep[..., 2:]], -1)
         h = h0 + self.features(torch.cat([feats, keep], -1))
         out = self.head(self.transformer(h, bias))
@@ -242,7 +259,10 @@ class InternalCoordinateFlow(nn.Module):
         dist = _graph_distances(zm.n_atoms, bonds)[np.ix_(order, order)]
         centre = np.zeros((zm.n_atoms, 3))
         width = np.ones((zm.n_atoms, 3))
+        offset = np.zeros((zm.n_atoms, 3))
         base = np.zeros((zm.n_atoms, 3), dtype=np.int64)
+        swaps = twin_swaps(encoding, bonds, zm)
+        half = {sw.sense: sw.centre for sw in swaps}
         for p, keys in enumerate(zm.keys):
             for c, key in enumerate(keys):
                 if not key:
@@ -250,6 +270,9 @@ class InternalCoordinateFlow(nn.Module):
                 mu, sigma, _ = self.table.lookup(key)
                 if c < 2:
                     centre[p, c], width[p, c], base[p, c] = mu, sigma, NORMAL
+                elif p in half:
+                    centre[p, c], base[p, c] = half[p], HALF
+                    offset[p, c], width[p, c] = _half_whitening(mu, min(sigma, 2.0), half[p])
                 elif sigma < UNIFORM_ABOVE:
                     centre[p, c], width[p, c], base[p, c] = mu, sigma, WRAPPED_NORMAL
                 else:
@@ -257,25 +280,36 @@ class InternalCoordinateFlow(nn.Module):
         return ICContext(zmatrix=zm, tokens=torch.as_tensor(tokens, dtype=torch.long),
                          distances=torch.as_tensor(dist), dof=torch.as_tensor(zm.dof_mask),
                          centre=torch.as_tensor(centre), width=torch.as_tensor(width),
-                         base=torch.as_tensor(base), sequence=getattr(encoding, "sequence", ""))
+                         base=torch.as_tensor(base), offset=torch.as_tensor(offset), swaps=swaps,
+                         sequence=getattr(encoding, "sequence", ""))
 
     # ------------------------------------------------------------------ whitening
     @staticmethod
     def whiten(ic: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, log |dz/dic|)`` from ``(B, N, 3)`` internal coordinates (float64)."""
-        centre, width, base = batch["centre"], batch["width"], batch["base"]
+        """``(z, log |dz/dic|)`` from ``(B, N, 3)`` internal coordinates (float64); ``z`` is infinite where a
+        HALF entry lies outside its half circle (a non-canonical labelling)."""
+        centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
         scaled = (ic - centre) / width
         shifted = torch.remainder(ic - centre + math.pi, 2 * math.pi) - math.pi
+        s = shifted * (2 / math.pi)
+        inside = s.abs() < 1
+        s_safe = torch.where(inside & (base == HALF), s, torch.zeros_like(s))
+        half = torch.where(inside, (torch.atanh(s_safe) - offset) / width, torch.full_like(s, float("inf")))
         z = torch.where(base == NORMAL, scaled, torch.where(base == NONE, torch.zeros_like(ic), shifted))
-        log_det = -torch.where(base == NORMAL, torch.log(width), torch.zeros_like(width)).sum((1, 2))
-        return z, log_det
+        z = torch.where(base == HALF, half, z)
+        log_det = torch.where(base == NORMAL, -torch.log(width), torch.zeros_like(width))
+        half_det = math.log(2 / math.pi) - torch.log1p(-s_safe * s_safe) - torch.log(width)
+        log_det = torch.where(base == HALF, half_det, log_det)
+        return z, log_det.sum((1, 2))
 
     @staticmethod
     def unwhiten(z: torch.Tensor, batch: dict) -> torch.Tensor:
-        centre, width, base = batch["centre"], batch["width"], batch["base"]
+        centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
         shifted = torch.remainder(z + centre + math.pi, 2 * math.pi) - math.pi
-        return torch.where(base == NORMAL, centre + width * z, torch.where(base == NONE, torch.zeros_like(z),
-                                                                            shifted))
+        half = centre + (math.pi / 2) * torch.tanh(offset + width * z)
+        out = torch.where(base == NORMAL, centre + width * z, torch.where(base == NONE, torch.zeros_like(z),
+                                                                           shifted))
+        return torch.where(base == HALF, half, out)
 
     # ------------------------------------------------------------------ the layers
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -298,9 +332,12 @@ class InternalCoordinateFlow(nn.Module):
         layer = self.layers[index]
         move = self._transformed(index, batch)
         keep = (batch["dof"] & ~move).to(z.dtype)
-        params = layer(z * keep, keep, h0, biases[index])
+        half = batch["base"][..., 2:] == HALF
+        params = layer(z * keep, keep, half, h0, biases[index])
         if layer.dihedral:
             y, log_det = circular_rq_spline(z[..., 2:], params, inverse=inverse)
+            y_half, log_det_half = rq_spline(z[..., 2:], params, self.bound, inverse=inverse)
+            y, log_det = torch.where(half, y_half, y), torch.where(half, log_det_half, log_det)
             new = torch.cat([z[..., :2], y], -1)
             log_det = torch.cat([torch.zeros_like(z[..., :2]), log_det], -1)
         else:
@@ -339,8 +376,8 @@ class InternalCoordinateFlow(nn.Module):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
         u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
         wrapped = torch.remainder(width * eps + math.pi, 2 * math.pi) - math.pi
-        z = torch.where(base == NORMAL, eps, torch.where(base == WRAPPED_NORMAL, wrapped,
-                                                         (2 * u - 1) * math.pi))
+        normal = (base == NORMAL) | (base == HALF)
+        z = torch.where(normal, eps, torch.where(base == WRAPPED_NORMAL, wrapped, (2 * u - 1) * math.pi))
         z = torch.where(base == NONE, torch.zeros_like(z), z)
         log_q = _base_log_prob(z, base, width).sum((1, 2))
         z, log_det = self.transform(z, batch, inverse=True)
@@ -394,15 +431,38 @@ class InternalCoordinateFlow(nn.Module):
             rot = random_rotations(m, generator, device=self.device)
             x = from_internal(bonds, angles, dihedrals, context.zmatrix, rot)
             log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix)
-            lqs.append(torch.where(inside, log_q, torch.full_like(log_q, float("nan"))).cpu())
+            log_q = torch.where(inside, log_q, torch.full_like(log_q, float("nan")))
+            x, log_q = self._symmetrise(x, log_q, dihedrals, context, generator)
+            lqs.append(log_q.cpu())
             xs.append(x.cpu())
         self.last_stats = {"n_batches": len(xs)}
         return torch.cat(xs), torch.cat(lqs)
 
+    def _symmetrise(self, x: torch.Tensor, log_q: torch.Tensor, dihedrals: torch.Tensor, context: ICContext,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply each twin swap with probability 1/2 (`openmm_tbg.twins`); ``log p = log q_c - G log 2`` unless
+        a group's other labelling is canonical too, where the density is re-evaluated exactly."""
+        swaps = context.swaps
+        if not swaps:
+            return x, log_q
+        flips = torch.rand(x.shape[0], len(swaps), generator=generator, dtype=torch.float64,
+                           device=generator.device).to(x.device) < 0.5
+        _, ambiguous, _ = canonical_masks(dihedrals, swaps)
+        x = apply_swaps(x, swaps, flips)
+        log_q = log_q - len(swaps) * math.log(2.0)
+        redo = ambiguous.any(1) & torch.isfinite(log_q)
+        if bool(redo.any()):
+            log_q = log_q.clone()
+            log_q[redo] = self._log_prob_positions(x[redo], context)
+        return x, log_q
+
     @torch.no_grad()
     def log_prob(self, x_nm: Any, context: Any, *, batch_size: Optional[int] = None,
                  progress: bool = False) -> torch.Tensor:
-        """Exact ``log q`` of ``(n, N, 3)`` positions (nm; topology atom order), float64 on the CPU."""
+        """Exact ``log q`` of ``(n, N, 3)`` positions (nm; topology atom order), float64 on the CPU.
+
+        ``-inf`` for configurations the flow cannot produce (a twin group with no canonical labelling).
+        """
         from tqdm.auto import tqdm
 
         context = self._as_context(context)
@@ -411,18 +471,37 @@ class InternalCoordinateFlow(nn.Module):
         batch_size = n if batch_size is None else int(batch_size)
         out = []
         for start in tqdm(range(0, n, batch_size), disable=not progress, desc="flow log_prob", unit="batch"):
-            xb = x[start:start + batch_size].to(self.device)
-            out.append(self.log_prob_internal(torch.stack(to_internal(xb, context.zmatrix), -1),
-                                              context).cpu())
+            out.append(self._log_prob_positions(x[start:start + batch_size].to(self.device), context).cpu())
         return torch.cat(out)
 
+    def _log_prob_positions(self, x: torch.Tensor, context: ICContext) -> torch.Tensor:
+        """``log p(x) = log sum_S 2^{-G} q_c(tau_S x)`` over the labellings that are canonical."""
+        swaps, zm = context.swaps, context.zmatrix
+        dihedrals = to_internal(x, zm)[2]
+        needed, ambiguous, outside = canonical_masks(dihedrals, swaps)
+        base = apply_swaps(x, swaps, needed)
+        log_q = self.log_prob_internal(torch.stack(to_internal(base, zm), -1), context)
+        log_q = torch.where(outside.any(1), torch.full_like(log_q, -math.inf), log_q)
+        for i in torch.nonzero(ambiguous.any(1) & ~outside.any(1)).flatten().tolist():
+            groups = torch.nonzero(ambiguous[i]).flatten().tolist()
+            terms = []
+            for k in range(1 << len(groups)):
+                mask = torch.zeros(1, len(swaps), dtype=torch.bool, device=x.device)
+                for bit, g in enumerate(groups):
+                    mask[0, g] = bool((k >> bit) & 1)
+                xi = apply_swaps(base[i:i + 1], swaps, mask)
+                terms.append(self.log_prob_internal(torch.stack(to_internal(xi, zm), -1), context))
+            log_q[i] = torch.logsumexp(torch.cat(terms), 0)
+        return log_q - len(swaps) * math.log(2.0)
+
     def log_prob_internal(self, ic: torch.Tensor, context: ICContext) -> torch.Tensor:
-        """``log q`` on the centre-free subspace from ``(B, N, 3)`` internal coordinates of one molecule."""
+        """``log q_c`` (canonical labelling, before the twin symmetrisation) on the centre-free subspace from
+        ``(B, N, 3)`` internal coordinates of one molecule."""
         batch = self._batch(context, ic.shape[0])
         z, log_det_white = self.whiten(ic.double(), batch)
         bonds, angles = ic[..., 0].double(), ic[..., 1].double()
-        return (self.log_prob_whitened(z, batch) + log_det_white
-                + log_jacobian(bonds, angles, context.zmatrix))
+        log_q = self.log_prob_whitened(z, batch) + log_det_white + log_jacobian(bonds, angles, context.zmatrix)
+        return torch.where(torch.isfinite(z).all(-1).all(-1), log_q, torch.full_like(log_q, -math.inf))
 
 
 def _as_positions(x_nm: Any, n_atoms: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Maximum-likelihood training data and loss of the internal-coordinate flow.
 
 The flow's exact ``log q`` is one pass, so it trains by maximum likelihood on MD frames: the loss is the mean
-negative log density of the whitened internal coordinates per degree of freedom. (The Jacobian of the
+negative log density of the whitened internal coordinates per degree of freedom. Frames are relabelled to the
+canonical sense of their twin groups first (`openmm_tbg.twins`), which is the density ``q_c`` the layers model;
+frames without a canonical labelling (none were found in the data set) are dropped and counted. (The Jacobian of the
 Cartesian transform does not depend on the weights, so this is maximum likelihood on the Cartesian density
 too.) Every frame's internal coordinates are computed once, up front.
 """
@@ -33,10 +35,14 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False) ->
     from ..internal_coordinates import to_internal
     from ..zmatrix import build_zmatrix
 
+    from ..twins import canonicalize, twin_swaps
+
     table = WhiteningTable()
     for t in tqdm(trajectories, disable=not progress, desc="internal-coordinate statistics", unit="peptide"):
-        zm = build_zmatrix(t.encoding, peptide_bonds(t))
-        ic = torch.stack(to_internal(torch.as_tensor(t.positions, dtype=torch.float64), zm), -1).numpy()
+        bonds = peptide_bonds(t)
+        zm = build_zmatrix(t.encoding, bonds)
+        x, ok = canonicalize(torch.as_tensor(t.positions, dtype=torch.float64), zm, twin_swaps(t.encoding, bonds, zm))
+        ic = torch.stack(to_internal(x[ok], zm), -1).numpy()
         for c in range(3):
             table.add([keys[c] for keys in zm.keys], ic[..., c])
     return table.to_dict()
@@ -85,12 +91,21 @@ class ICTrainingData:
 
         from ..icflow import collate_contexts
         from ..internal_coordinates import to_internal
+        from ..twins import canonicalize
 
         self.peptides: list[_Peptide] = []
+        self.n_dropped = 0
         for t in tqdm(trajectories, disable=not progress, desc="internal coordinates", unit="peptide"):
             ctx = flow.condition(t.encoding, peptide_bonds(t))
-            ic = torch.stack(to_internal(torch.as_tensor(t.positions, dtype=torch.float64), ctx.zmatrix), -1)
+            x, ok = canonicalize(torch.as_tensor(t.positions, dtype=torch.float64), ctx.zmatrix, ctx.swaps)
+            ic = torch.stack(to_internal(x, ctx.zmatrix), -1)
             z, log_det = flow.whiten(ic, collate_contexts([ctx]))
+            ok &= torch.isfinite(z).all(-1).all(-1)
+            if not bool(ok.all()):
+                logger.warning("%s: %d of %d frames have no canonical twin labelling (or lie outside the "
+                               "flow's support) and are left out.", t.name, int((~ok).sum()), len(ok))
+                self.n_dropped += int((~ok).sum())
+            z = z[ok]
             self.peptides.append(_Peptide(t.name, ctx, z.float(), float(log_det[0]), int(ctx.dof.sum())))
         self.peptides_per_batch = int(peptides_per_batch)
         self.n_frames = np.array([len(p.z) for p in self.peptides])
