@@ -242,10 +242,20 @@ class InternalCoordinateFlow(nn.Module):
                     f"--family internal-coordinate on MD data that includes them).")
 
     def sampling_options(self, **options: Any) -> dict:
-        """The flow takes no integration options: ``log q`` is one exact pass."""
-        if options:
+        """The flow takes no integration options: ``log q`` is one exact pass.
+
+        Options equal to the CNF's defaults (`openmm_tbg.flow.ODEOptions`, e.g. the CLI's) are ignored; any
+        other value is refused, since it could only mean a misunderstanding.
+        """
+        from .flow import ODEOptions
+
+        defaults = ODEOptions()
+        if "ode_method" in options:
+            options["method"] = options.pop("ode_method")
+        given = {k: v for k, v in options.items() if getattr(defaults, k, object()) != v}
+        if given:
             raise ValueError(f"The internal-coordinate flow computes exact log q in one pass and takes no ODE "
-                             f"options, got {sorted(options)}; these apply to the egnn-cnf family only.")
+                             f"options, got {given}; these apply to the egnn-cnf family only.")
         return {}
 
     def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:

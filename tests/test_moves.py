@@ -203,3 +203,30 @@ def test_tbg_move_from_a_sampler_keeps_its_reference_chirality(saved_egnn_toy):
     np.testing.assert_array_equal(move.checker.expected_signs, [1.0, -1.0])
     restored = utils.deserialize(yaml.safe_load(yaml.safe_dump(utils.serialize(move))))
     np.testing.assert_array_equal(restored.checker.expected_signs, [1.0, -1.0])
+
+
+def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(toy):
+    """The same exact test with the other model family (one-pass log q, no mirroring/relabelling): the move
+    goes through the flow interface only."""
+    from openmm_tbg.ic_statistics import WhiteningTable
+    from openmm_tbg.icflow import InternalCoordinateFlow
+    from openmm_tbg.internal_coordinates import to_internal
+    from openmm_tbg.zmatrix import build_zmatrix
+
+    system, topology, encoding, _ = toy
+    bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    zm = build_zmatrix(encoding, bonds)
+    rng = np.random.default_rng(5)
+    frames = torch.as_tensor(np.stack([exact_sample(rng) for _ in range(2000)]))
+    ic = torch.stack(to_internal(frames, zm), -1).numpy()
+    table = WhiteningTable()
+    for c in range(3):
+        table.add([k[c] for k in zm.keys], ic[..., c])
+    flow = InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1, n_bins=4,
+                                  n_atom_classes=encoding.n_atoms).double()
+    move = TBGMove(flow, topology, encoding, seed=2, buffer_size=200, check_bonds=False, check_chirality=False)
+    assert move.flow_options == {} and not move.checker.mirror and not move.checker.relabel
+    thermo = states.ThermodynamicState(system, T * unit.kelvin)
+    start = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
+    assert_detailed_balance(move, thermo, start, bin_of, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
+    assert move.statistics["n_proposed"] == 2000 and 0.1 < move.acceptance_rate < 1.0
