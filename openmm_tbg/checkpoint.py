@@ -25,13 +25,20 @@ from .utils import atomic_write, file_sha256  # file_sha256 stays importable fro
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "save_model", "load_model", "resolve_model", "DEFAULT_MODEL_PATH", "FORMAT",
+__all__ = ["CheckpointError", "save_model", "load_model", "resolve_model", "DEFAULT_MODEL_PATH", "SHIPPED_MODELS",
+           "DEFAULT_FAMILY", "FORMAT",
            "FORMAT_VERSION"]
 
 FORMAT = "openmm_tbg.checkpoint"
 FORMAT_VERSION = 1
-#: the pretrained model shipped with the package (loaded by ``load_model()``)
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "models" / "tbg_dipeptides.pt"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: The pretrained models shipped with the package, by family; ``load_model(name)`` loads them by these names.
+SHIPPED_MODELS = {"egnn-cnf": MODELS_DIR / "tbg_dipeptides.pt",
+                  "internal-coordinate": MODELS_DIR / "ic_dipeptides.pt"}
+#: The family whose shipped model measured better on the test peptides (README, "The shipped models").
+DEFAULT_FAMILY = "egnn-cnf"
+#: the pretrained model loaded by ``load_model()`` and used by default everywhere
+DEFAULT_MODEL_PATH = SHIPPED_MODELS[DEFAULT_FAMILY]
 
 
 class CheckpointError(ValueError):
@@ -221,8 +228,9 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     Parameters
     ----------
     path : str or os.PathLike, optional
-        Checkpoint written by :func:`save_model`; None loads the pretrained model shipped in
-        ``openmm_tbg/models/tbg_dipeptides.pt``.
+        Checkpoint written by :func:`save_model`, or the family name of a shipped model (``"egnn-cnf"``,
+        ``"internal-coordinate"``; `SHIPPED_MODELS`); None loads the default shipped model
+        (`DEFAULT_MODEL_PATH`).
     device : str or torch.device
         Device for the returned flow.
 
@@ -242,6 +250,8 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     from openmm_tbg.encoding import ENCODING_VERSION
     from openmm_tbg.model import FAMILIES, flow_class
 
+    if isinstance(path, str) and path in SHIPPED_MODELS and not Path(path).exists():
+        path = SHIPPED_MODELS[path]  # a shipped model by its family name
     if path is None:
         path = DEFAULT_MODEL_PATH
         if not path.exists():

@@ -492,17 +492,26 @@ class InternalCoordinateFlow(nn.Module):
         base = apply_swaps(x, swaps, needed)
         log_q = self.log_prob_internal(torch.stack(to_internal(base, zm), -1), context)
         log_q = torch.where(outside.any(1), torch.full_like(log_q, -math.inf), log_q)
-        for i in torch.nonzero(ambiguous.any(1) & ~outside.any(1)).flatten().tolist():
-            groups = torch.nonzero(ambiguous[i]).flatten().tolist()
-            terms = []
-            for k in range(1 << len(groups)):
-                mask = torch.zeros(1, len(swaps), dtype=torch.bool, device=x.device)
-                for bit, g in enumerate(groups):
-                    mask[0, g] = bool((k >> bit) & 1)
-                xi = apply_swaps(base[i:i + 1], swaps, mask)
-                terms.append(self.log_prob_internal(torch.stack(to_internal(xi, zm), -1), context))
-            log_q[i] = torch.logsumexp(torch.cat(terms), 0)
+        rows = torch.nonzero(ambiguous.any(1) & ~outside.any(1)).flatten()
+        if len(rows):
+            log_q[rows] = self._sum_over_labellings(base[rows], ambiguous[rows], context)
         return log_q - len(swaps) * math.log(2.0)
+
+    def _sum_over_labellings(self, x: torch.Tensor, ambiguous: torch.Tensor, context: ICContext) -> torch.Tensor:
+        """``log sum_S q_c(tau_S x)`` over the subsets ``S`` of each row's ambiguous swaps (both labellings
+        canonical), one batched evaluation per subset of the groups ambiguous in any row."""
+        swaps, zm = context.swaps, context.zmatrix
+        groups = torch.nonzero(ambiguous.any(0)).flatten().tolist()
+        terms = torch.full((x.shape[0], 1 << len(groups)), -math.inf, dtype=torch.float64, device=x.device)
+        for k in range(1 << len(groups)):
+            mask = torch.zeros_like(ambiguous)
+            for bit, g in enumerate(groups):
+                mask[:, g] = bool((k >> bit) & 1)
+            use = ~(mask & ~ambiguous).any(1)  # subsets of this row's ambiguous groups only
+            if bool(use.any()):
+                xi = apply_swaps(x[use], swaps, mask[use])
+                terms[use, k] = self.log_prob_internal(torch.stack(to_internal(xi, zm), -1), context)
+        return torch.logsumexp(terms, 1)
 
     def log_prob_internal(self, ic: torch.Tensor, context: ICContext) -> torch.Tensor:
         """``log q_c`` (canonical labelling, before the twin symmetrisation) on the centre-free subspace from

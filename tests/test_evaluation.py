@@ -365,3 +365,13 @@ def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     # A peptide in two parts is a user error: one line on stderr, exit status 2 (the CLI's contract).
     assert main(["evaluate", "--merge", str(out), str(out), "--out", str(tmp_path / "twice")]) == 2
     assert "Peptide AA is in both" in capsys.readouterr().err
+
+
+def test_evaluate_needs_an_explicit_output_directory(fixture_dir, capsys):
+    """`openmm-tbg evaluate` without --out is refused instead of overwriting the repository's docs/."""
+    from openmm_tbg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--data", str(fixture_dir), "--peptides", "AA"])
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "of --data, when given) instead of evaluating")
     parser.add_argument("--peptides", nargs="+", default=None, help="explicit peptide names (overrides --split)")
     parser.add_argument("--samples", type=int, default=1000, help="flow samples per peptide (default 1000)")
-    parser.add_argument("--out", default="docs", help="output directory for results.md and figures/ (default docs)")
+    # No default: a default of docs/ overwrote the repository's published report when run from a checkout.
+    parser.add_argument("--out", required=True,
+                        help="output directory for results.md, results.json and figures/ (required; created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
