@@ -524,12 +524,9 @@ class InternalCoordinateFlow(nn.Module):
 
 
 def _as_positions(x_nm: Any, n_atoms: int) -> torch.Tensor:
-    from openmm import unit
+    from .utils import to_nm
 
-    if unit.is_quantity(x_nm):
-        x_nm = x_nm.value_in_unit(unit.nanometer)
-    x = x_nm.detach().double() if isinstance(x_nm, torch.Tensor) else torch.as_tensor(
-        np.asarray(x_nm, dtype=np.float64))
+    x = x_nm.detach().double() if isinstance(x_nm, torch.Tensor) else torch.as_tensor(to_nm(x_nm))
     if x.dim() != 3 or x.shape[1:] != (n_atoms, 3):
         raise ValueError(f"InternalCoordinateFlow.log_prob: positions must have shape (n, {n_atoms}, 3) in nm, "
                          f"got {tuple(x.shape)}.")

@@ -35,14 +35,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"subsample size per side for torus-W2 (default {TORUS_W2_MAX_SAMPLES})")
     parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from ..sampler import add_ode_arguments
+    from ..sample_command import add_ode_arguments
 
     add_ode_arguments(parser)  # --ode-method, --atol, --rtol, --step-size, --quadrature-nodes (as `sample`)
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
     """Run ``openmm-tbg evaluate``; returns the exit status."""
-    from ..sampler import ode_kwargs
+    from ..sample_command import ode_kwargs
 
     command_line = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
     if args.merge:

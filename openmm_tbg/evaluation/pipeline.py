@@ -278,7 +278,7 @@ def evaluate(model, data_dir, split: Optional[str] = "test", n_samples: int = 10
         One :func:`evaluate_peptide` result per peptide.
     """
     from ..data import load_dataset
-    from ..sampler import resolve_model
+    from ..checkpoint import resolve_model
 
     kelvin = to_kelvin(temperature)  # a wrong unit fails here, not after every peptide has been sampled
     n_samples = _check_count(n_samples)
