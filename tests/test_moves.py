@@ -230,3 +230,16 @@ def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(t
     start = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
     assert_detailed_balance(move, thermo, start, bin_of, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
     assert move.statistics["n_proposed"] == 2000 and 0.1 < move.acceptance_rate < 1.0
+
+
+def test_nan_state_is_refused_before_openmm_sees_it(toy):
+    """NaN coordinates (e.g. from an MD move that blew up) get the project's message, not OpenMM's."""
+    system = toy[0]
+    move = make_move(toy, seed=3)
+    thermo = states.ThermodynamicState(system, T * unit.kelvin)
+    x = exact_sample(np.random.default_rng(1))
+    x[1, 2] = np.nan
+    state = states.SamplerState(x * unit.nanometer)
+    with pytest.raises(ValueError, match="NaN or infinite coordinates.*smaller MD timestep"):
+        move.apply(thermo, state)
+    assert move.statistics["n_proposed"] == 0

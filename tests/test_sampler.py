@@ -218,3 +218,17 @@ def test_default_tolerance_depends_on_the_likelihood_path(toy):
     move = TBGMove(flow, topology, encoding)
     assert move.ode_options["atol"] == 1e-5
     assert TBGMove(flow, topology, encoding, quadrature_nodes=None).ode_options["rtol"] == 1e-4
+
+
+def test_unsupported_peptides_are_refused_when_the_sampler_is_built():
+    """A tripeptide is outside the shipped dipeptide model's vocabulary: refused at construction, in plain
+    words, by the sampler and by TBGMove (not inside the flow once sampling has started)."""
+    from openmm_tbg.encoding import UnsupportedTopologyError
+    from openmm_tbg.moves import TBGMove
+    from openmm_tbg.peptides import build_peptide
+
+    pep = build_peptide("AAA")
+    with pytest.raises(UnsupportedTopologyError, match=r"at most 2 residues.*'AAA' has 3"):
+        BoltzmannGeneratorSampler(pep.system, pep.topology)
+    with pytest.raises(UnsupportedTopologyError, match="openmm-tbg train"):
+        TBGMove(None, pep.topology)
