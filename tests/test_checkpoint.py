@@ -185,18 +185,25 @@ def test_save_refuses_what_it_cannot_store(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_shipped_model_loads_offline_and_matches_its_card():
-    """The packaged model loads by default, is a transferable dipeptide model, and the card's sha256 is its own."""
+@pytest.mark.parametrize("family", ["egnn-cnf", "internal-coordinate"])
+def test_shipped_models_load_offline_by_name_and_match_their_cards(family):
+    """Each packaged model loads by its family name, is a transferable dipeptide model of that family, and the
+    first sha256 in its card (the .md beside it) is the file's own; load_model() gives the default one."""
     import re
-    from pathlib import Path
 
-    from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+    from openmm_tbg.checkpoint import DEFAULT_FAMILY, SHIPPED_MODELS
 
-    flow = load_model()
-    assert flow.vector_field.config["max_residues"] == 2
-    card = (Path(DEFAULT_MODEL_PATH).parent / "MODEL_CARD.md").read_text()
+    flow = load_model(family)
+    assert flow.family == family
+    if family == "internal-coordinate":
+        max_residues = flow.vocab_sizes[0]
+    else:
+        max_residues = flow.vector_field.config["max_residues"]
+    assert max_residues == 2
+    card = SHIPPED_MODELS[family].with_suffix(".md").read_text()
     shas = re.findall(r"\b[0-9a-f]{64}\b", card)
     assert shas and shas[0] == flow.checkpoint_sha256
+    assert load_model().family == DEFAULT_FAMILY
 
 
 def _write_v1_checkpoint(path, n_layers: int, hidden: int):

@@ -1,0 +1,170 @@
+"""Per-molecule input of the internal-coordinate flow: Z-matrix, tokens, graph distances, whitening, base.
+
+`build_context` turns an atom encoding and bonds into an `ICContext`; `collate_contexts` pads several into one
+batch; `whiten`/`unwhiten` map internal coordinates to the flow's whitened variables and back with the exact
+log-determinant; `base_log_prob` is the factorised base density (standard normal, wrapped normal or uniform).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .ic_statistics import UNIFORM_ABOVE, WhiteningTable
+from .twins import twin_swaps
+from .zmatrix import ZMatrix, build_zmatrix
+
+__all__ = ["ICContext", "build_context", "collate_contexts", "whiten", "unwhiten", "base_log_prob",
+           "NONE", "NORMAL", "WRAPPED_NORMAL", "UNIFORM", "HALF"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+# Base kinds per coordinate. HALF: a twin group's sense dihedral, bounded to a half circle (`openmm_tbg.twins`)
+# by z = (atanh(2 (phi - centre) / pi) - offset) / width with a standard normal base.
+NONE, NORMAL, WRAPPED_NORMAL, UNIFORM, HALF = 0, 1, 2, 3, 4
+
+
+@dataclass
+class ICContext:
+    """Per-molecule input of the internal-coordinate flow (`InternalCoordinateFlow.condition`).
+
+    All arrays are in Z-matrix build order: ``tokens`` (N, 4) [residue index, amino acid, atom class, role],
+    ``distances`` (N, N) bond-graph distances, ``dof`` (N, 3) which coordinates exist, ``centre``/``width``/
+    ``offset`` (N, 3) whitening, ``base`` (N, 3) base-distribution kinds; ``swaps`` the twin groups' canonical
+    sense rules.
+    """
+
+    zmatrix: ZMatrix
+    tokens: torch.Tensor
+    distances: torch.Tensor
+    dof: torch.Tensor
+    centre: torch.Tensor
+    width: torch.Tensor
+    base: torch.Tensor
+    offset: torch.Tensor
+    swaps: tuple = ()
+    sequence: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return self.zmatrix.n_atoms
+
+
+def collate_contexts(contexts: Sequence[ICContext], device=None) -> dict[str, torch.Tensor]:
+    """Stack contexts into padded ``(B, N_max, ...)`` tensors plus an atom ``mask``."""
+    n_max = max(c.n_atoms for c in contexts)
+    B = len(contexts)
+    out = {"tokens": torch.zeros(B, n_max, 4, dtype=torch.long),
+           "distances": torch.zeros(B, n_max, n_max, dtype=torch.long),
+           "dof": torch.zeros(B, n_max, 3, dtype=torch.bool),
+           "centre": torch.zeros(B, n_max, 3, dtype=torch.float64),
+           "width": torch.ones(B, n_max, 3, dtype=torch.float64),
+           "base": torch.zeros(B, n_max, 3, dtype=torch.long),
+           "offset": torch.zeros(B, n_max, 3, dtype=torch.float64),
+           "mask": torch.zeros(B, n_max, dtype=torch.bool)}
+    for b, c in enumerate(contexts):
+        n = c.n_atoms
+        for key in ("tokens", "dof", "centre", "width", "base", "offset"):
+            out[key][b, :n] = getattr(c, key)
+        out["distances"][b, :n, :n] = c.distances
+        out["mask"][b, :n] = True
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _graph_distances(n: int, bonds: Sequence[tuple[int, int]]) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import shortest_path
+
+    if not bonds:
+        return np.zeros((n, n), dtype=np.int64)
+    i, j = np.asarray(bonds, dtype=np.int64).T
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    d = shortest_path(graph, directed=False, unweighted=True)
+    return np.where(np.isfinite(d), d, 99).astype(np.int64)
+
+
+def _half_whitening(mu: float, sigma: float, centre: float) -> tuple[float, float]:
+    """``(offset, width)`` in atanh space of a HALF entry whose canonical data have circular mean ``mu`` and
+    standard deviation ``sigma`` (rad): the linearised image of N(mu, sigma)."""
+    s = float(np.clip(2 / math.pi * (math.remainder(mu - centre, 2 * math.pi)), -0.95, 0.95))
+    return math.atanh(s), float(np.clip(sigma * (2 / math.pi) / (1 - s * s), 1e-3, 3.0))
+
+
+def base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Per-entry log density of the factorised base (0 where ``base == NONE``)."""
+    z, width = z.double(), width.double()
+    normal = -0.5 * z * z - 0.5 * _LOG_2PI
+    base = torch.where(base == HALF, torch.full_like(base, NORMAL), base)
+    k = torch.arange(-3, 4, dtype=z.dtype, device=z.device) * (2 * math.pi)
+    s = torch.where(base == WRAPPED_NORMAL, width, torch.ones_like(width))[..., None]
+    wrapped = torch.logsumexp(-0.5 * ((z[..., None] + k) / s) ** 2, -1) - torch.log(s[..., 0]) - 0.5 * _LOG_2PI
+    out = torch.where(base == NORMAL, normal, torch.zeros_like(z))
+    out = torch.where(base == WRAPPED_NORMAL, wrapped, out)
+    return torch.where(base == UNIFORM, torch.full_like(z, -_LOG_2PI), out)
+
+
+def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: WhiteningTable) -> ICContext:
+    """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and the whitening of
+    every coordinate from ``table`` (twin sense dihedrals get the bounded HALF treatment)."""
+    zm = build_zmatrix(encoding, bonds)
+    order = zm.order
+    roles = np.array([min(p, 3) for p in range(zm.n_atoms)]) + 4 * zm.improper.astype(np.int64)
+    tokens = np.stack([encoding.residue_index[order], encoding.amino_acid[order],
+                       encoding.atom_class[order], roles], 1)
+    dist = _graph_distances(zm.n_atoms, bonds)[np.ix_(order, order)]
+    centre = np.zeros((zm.n_atoms, 3))
+    width = np.ones((zm.n_atoms, 3))
+    offset = np.zeros((zm.n_atoms, 3))
+    base = np.zeros((zm.n_atoms, 3), dtype=np.int64)
+    swaps = twin_swaps(encoding, bonds, zm)
+    half = {sw.sense: sw.centre for sw in swaps}
+    for p, keys in enumerate(zm.keys):
+        for c, key in enumerate(keys):
+            if not key:
+                continue
+            mu, sigma, _ = table.lookup(key)
+            if c < 2:
+                centre[p, c], width[p, c], base[p, c] = mu, sigma, NORMAL
+            elif p in half:
+                centre[p, c], base[p, c] = half[p], HALF
+                offset[p, c], width[p, c] = _half_whitening(mu, min(sigma, 2.0), half[p])
+            elif sigma < UNIFORM_ABOVE:
+                centre[p, c], width[p, c], base[p, c] = mu, sigma, WRAPPED_NORMAL
+            else:
+                base[p, c] = UNIFORM
+    return ICContext(zmatrix=zm, tokens=torch.as_tensor(tokens, dtype=torch.long),
+                     distances=torch.as_tensor(dist), dof=torch.as_tensor(zm.dof_mask),
+                     centre=torch.as_tensor(centre), width=torch.as_tensor(width),
+                     base=torch.as_tensor(base), offset=torch.as_tensor(offset), swaps=swaps,
+                     sequence=getattr(encoding, "sequence", ""))
+
+
+def whiten(ic: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, log |dz/dic|)`` from ``(B, N, 3)`` internal coordinates (float64); ``z`` is infinite where a
+    HALF entry lies outside its half circle (a non-canonical labelling)."""
+    centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
+    scaled = (ic - centre) / width
+    shifted = torch.remainder(ic - centre + math.pi, 2 * math.pi) - math.pi
+    s = shifted * (2 / math.pi)
+    inside = s.abs() < 1
+    s_safe = torch.where(inside & (base == HALF), s, torch.zeros_like(s))
+    half = torch.where(inside, (torch.atanh(s_safe) - offset) / width, torch.full_like(s, float("inf")))
+    z = torch.where(base == NORMAL, scaled, torch.where(base == NONE, torch.zeros_like(ic), shifted))
+    z = torch.where(base == HALF, half, z)
+    log_det = torch.where(base == NORMAL, -torch.log(width), torch.zeros_like(width))
+    half_det = math.log(2 / math.pi) - torch.log1p(-s_safe * s_safe) - torch.log(width)
+    log_det = torch.where(base == HALF, half_det, log_det)
+    return z, log_det.sum((1, 2))
+
+def unwhiten(z: torch.Tensor, batch: dict) -> torch.Tensor:
+    centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
+    shifted = torch.remainder(z + centre + math.pi, 2 * math.pi) - math.pi
+    half = centre + (math.pi / 2) * torch.tanh(offset + width * z)
+    out = torch.where(base == NORMAL, centre + width * z, torch.where(base == NONE, torch.zeros_like(z),
+                                                                       shifted))
+    return torch.where(base == HALF, half, out)
