@@ -12,33 +12,17 @@ in nm coordinates: ``log_q_nm = log_q_internal - 3 (N - 1) log(length_scale)``.
 
 Divergence
 ----------
-The field's output is mean-free and it only depends on coordinate differences, so its 3N x 3N Jacobian J
-satisfies P J = J and J P = J (P: centring projection). Hence the trace of the full Jacobian equals the trace of
-J restricted to the mean-free subspace, which is the divergence that enters the change of variables. Modes:
-
-* ``"exact"`` (default): the exact trace with the implementation that is fastest on the device: on CUDA a
-  vectorized backward over chunks of the 3N unit vectors (``torch.autograd.grad(..., is_grads_batched=True)``),
-  on the CPU the per-coordinate loop, which measured faster there (see :func:`divergence_exact`);
-* ``"exact-loop"``: TBG's baseline, one ``torch.autograd.grad`` call per coordinate (3N calls);
-* ``"hutchinson"``: the unbiased stochastic trace estimator eps^T J eps (opt-in). Its noise makes log_q, and
-  hence importance weights exp(-u - log_q), noisy; by Jensen's inequality noisy log weights bias ESS and
-  reweighted averages. Use it only for exploration, never for reported estimates.
-
-Where the divergence is evaluated
----------------------------------
-By default (``quadrature_nodes=None``, TBG's way) the divergence is integrated by the ODE solver together with x,
-so the expensive exact trace is computed at every solver stage. With ``quadrature_nodes=K`` the solver
-integrates x alone (forward passes only, same tolerances) and reports x(t_k) at the K Gauss-Legendre nodes
-t_k of [0, 1]; the exact trace is then evaluated only there and ``int div dt ~ sum_k w_k div(x(t_k), t_k)``.
-The trace along a smooth trajectory is a smooth function of t, so the quadrature converges fast in K; the
-error against a tight reference is measured by ``benchmarks/sampling_speed.py``.
+``divergence`` is ``"exact"`` (default), ``"exact-loop"`` (TBG's baseline) or ``"hutchinson"`` (a stochastic
+estimate whose noise biases importance weights and ESS; opt-in, never for reported estimates). With
+``quadrature_nodes=K`` the solver integrates positions alone and the exact trace is evaluated only at K
+Gauss-Legendre nodes in t. Both are implemented, and explained, in `openmm_tbg.divergence`; its public names
+are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -46,21 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .divergence import (ADAPTIVE_METHODS, DIVERGENCE_MODES, FIXED_STEP_METHODS, _AugmentedDynamics,
+                         check_integration_options, check_quadrature, check_solver, divergence_exact,
+                         divergence_exact_batched, divergence_exact_loop, divergence_hutchinson, exact_chunk_size,
+                         gauss_legendre, hutchinson_noise, integrate_with_divergence, solve_positions)
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["TransferableFlow", "ODEOptions", "DEFAULT_QUADRATURE_NODES", "default_tolerance", "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
-           "divergence_hutchinson", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
-
-DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
-FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
-
-# Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode (used on CUDA):
-# each vmapped intermediate gradient then stays below ~1 GB in float32; several are alive at once.
-_EXACT_CHUNK_ELEMENTS = 2**28
-# Largest (B, N, N, H) edge tensor, in elements, when the quadrature nodes are stacked into one batch for the
-# divergence (~128 MB in float32; a few such tensors are alive during the backward passes).
-_NODE_BATCH_ELEMENTS = 2**25
+# The divergence names are re-exported from `openmm_tbg.divergence`, where they live.
+__all__ = ["TransferableFlow", "ODEOptions", "DEFAULT_QUADRATURE_NODES", "default_tolerance", "divergence_exact",
+           "divergence_exact_loop", "divergence_exact_batched", "divergence_hutchinson", "gauss_legendre",
+           "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
 
 #: Default Gauss-Legendre node count of the exact-divergence quadrature used by the sampler and TBGMove
 #: (``None``: the divergence is integrated at every solver stage, as in TBG). Chosen from the accuracy
@@ -99,143 +79,6 @@ class ODEOptions:
         return {"method": self.method, "atol": float(tol if self.atol is None else self.atol),
                 "rtol": float(tol if self.rtol is None else self.rtol), "step_size": self.step_size,
                 "divergence": self.divergence, "quadrature_nodes": self.quadrature_nodes}
-
-
-def _hidden_width(vector_field: nn.Module) -> int:
-    config = getattr(vector_field, "config", None)
-    if isinstance(config, dict) and "hidden" in config:
-        return int(config["hidden"])
-    return 64
-
-
-def divergence_exact_loop(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Exact divergence by one autograd call per coordinate (TBG's baseline).
-
-    Parameters
-    ----------
-    v : torch.Tensor
-        ``(B, N, 3)`` output of the vector field, computed from ``x`` with autograd enabled.
-    x : torch.Tensor
-        ``(B, N, 3)`` input that requires grad.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B,)`` trace of dv/dx of every sample.
-    """
-    B = v.shape[0]
-    v_flat = v.reshape(B, -1)
-    div = torch.zeros(B, dtype=v.dtype, device=v.device)
-    for i in range(v_flat.shape[1]):
-        g = torch.autograd.grad(v_flat[:, i].sum(), x, retain_graph=True)[0]
-        div = div + g.reshape(B, -1)[:, i]
-    return div
-
-
-def divergence_exact_batched(v: torch.Tensor, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """Exact divergence with a vectorized backward over chunks of the 3N unit vectors.
-
-    Samples are independent, so the backward of ``e_i`` placed at coordinate i of *every* sample yields
-    d v_i / d x_i for all samples at once; ``is_grads_batched`` vectorizes the 3N backward passes.
-
-    Parameters
-    ----------
-    v, x : torch.Tensor
-        As for :func:`divergence_exact_loop`.
-    chunk_size : int, optional
-        Number of coordinates per vectorized backward; None uses all 3N.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B,)`` trace of dv/dx of every sample.
-    """
-    B = v.shape[0]
-    D = v[0].numel()
-    chunk_size = D if chunk_size is None else max(1, min(int(chunk_size), D))
-    div = torch.zeros(B, dtype=v.dtype, device=v.device)
-    eye = torch.eye(D, dtype=v.dtype, device=v.device)
-    for start in range(0, D, chunk_size):
-        stop = min(start + chunk_size, D)
-        basis = eye[start:stop]  # (c, D)
-        grad_outputs = basis[:, None, :].expand(stop - start, B, D).reshape(stop - start, *v.shape)
-        g = torch.autograd.grad(v, x, grad_outputs, retain_graph=True, is_grads_batched=True)[0]
-        # g (c, B, N, 3): pick d v_{start+k} / d x_{start+k}
-        g = g.reshape(stop - start, B, D)
-        idx = torch.arange(start, stop, device=v.device)
-        div = div + g[torch.arange(stop - start, device=v.device), :, idx].sum(0)
-    return div
-
-
-def divergence_exact(v: torch.Tensor, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """Exact divergence with the implementation that is fastest on ``v``'s device.
-
-    Measured on the 2-core CPU (5 x 64 EGNN, 40 atoms, batch 16, one thread): the per-coordinate loop takes
-    ~13 s per function evaluation and the vectorized backward 19-39 s (chunks of 4-30 coordinates; the vmap'd
-    backward moves c times larger tensors through memory), and forward-mode ``torch.func.vmap(jvp)`` is slower
-    still; so the CPU uses the loop. On CUDA the per-call launch overhead of 3N sequential backward passes
-    dominates for small models, so the vectorized backward is used there (chunked to bound memory).
-    """
-    if v.device.type == "cpu":
-        return divergence_exact_loop(v, x)
-    return divergence_exact_batched(v, x, chunk_size)
-
-
-def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Hutchinson estimate eps^T (dv/dx) eps of the divergence, unbiased for E[eps eps^T] = I."""
-    g = torch.autograd.grad(v, x, noise, retain_graph=True)[0]
-    return (g * noise).reshape(v.shape[0], -1).sum(1)
-
-
-class _PositionDynamics:
-    """ODE right-hand side on x alone (no divergence), for the quadrature path."""
-
-    def __init__(self, vector_field: nn.Module, tokens: torch.Tensor):
-        self.vector_field = vector_field
-        self.tokens = tokens
-        self.nfe = 0
-
-    def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        return self.vector_field(t, x, self.tokens)
-
-
-def gauss_legendre(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of degree ``2 n_nodes - 1``)."""
-    nodes, weights = np.polynomial.legendre.leggauss(int(n_nodes))
-    return 0.5 * (nodes + 1.0), 0.5 * weights
-
-
-class _AugmentedDynamics:
-    """ODE right-hand side on the augmented state (x, l) with dl/dt = -div v."""
-
-    def __init__(self, vector_field: nn.Module, tokens: torch.Tensor, divergence: str,
-                 noise: torch.Tensor | None, chunk_size: int | None):
-        self.vector_field = vector_field
-        self.tokens = tokens
-        self.divergence = divergence
-        self.noise = noise
-        self.chunk_size = chunk_size
-        self.nfe = 0
-
-    def divergence_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vector field and its divergence (by the configured mode) at one time."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            v = self.vector_field(t, x, self.tokens)
-            if self.divergence == "exact":
-                div = divergence_exact(v, x, self.chunk_size)
-            elif self.divergence == "exact-loop":
-                div = divergence_exact_loop(v, x)
-            else:
-                div = divergence_hutchinson(v, x, self.noise)
-        return v.detach(), div.detach()
-
-    def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
-        x, _ = state
-        self.nfe += 1
-        v, div = self.divergence_at(t, x)
-        return v, -div
 
 
 class TransferableFlow(nn.Module):
@@ -423,17 +266,13 @@ class TransferableFlow(nn.Module):
         nfe : int
             Vector-field evaluations.
         """
-        from torchdiffeq import odeint
-
         tokens = self._as_tokens(tokens)
         options = self._check_solver(method, atol, rtol, step_size, "exact")
         if norm is not None:
             options = {**options, "norm": norm}
         t = torch.as_tensor(np.asarray(times, dtype=np.float64), dtype=x0.dtype, device=x0.device)
-        func = _PositionDynamics(self.vector_field, tokens)
-        with torch.no_grad():
-            xs = odeint(func, x0, t, method=method, atol=atol, rtol=rtol, options=options or None)
-        return xs, func.nfe
+        return solve_positions(self.vector_field, x0, tokens, t, method=method, atol=atol, rtol=rtol,
+                               options=options)
 
     def divergence(self, t: torch.Tensor, x: torch.Tensor, tokens: Any, mode: str = "exact"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,7 +281,7 @@ class TransferableFlow(nn.Module):
         if mode not in ("exact", "exact-loop"):
             raise ValueError(f"TransferableFlow.divergence: mode must be 'exact' or 'exact-loop', got {mode!r}.")
         func = _AugmentedDynamics(self.vector_field, self._as_tokens(tokens), mode, None,
-                                  self._chunk_size(x.shape[0], x.shape[1]))
+                                  exact_chunk_size(self.vector_field, x.shape[0], x.shape[1]))
         return func.divergence_at(t, x)
 
     # ------------------------------------------------------------------ helpers
@@ -465,106 +304,18 @@ class TransferableFlow(nn.Module):
             check(tokens)
         return tokens
 
-    def _integration_options(self, caller: str, n: int, batch_size: int | None, method: str, atol: float,
-                             rtol: float, step_size: float | None, divergence: str,
-                             quadrature_nodes: int | None) -> tuple[dict, int | None, int]:
-        """Checked solver options, quadrature node count and batch size shared by sample and log_prob."""
-        options = self._check_solver(method, atol, rtol, step_size, divergence)
-        quadrature_nodes = self._check_quadrature(quadrature_nodes)
-        batch_size = n if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"TransferableFlow.{caller}: batch_size must be positive, got {batch_size}.")
-        if divergence == "hutchinson":
-            warnings.warn(
-                "divergence='hutchinson' gives a noisy log_q: importance weights and ESS are biased. Use the exact "
-                "divergence for any reported estimate.", stacklevel=3)
-        return options, quadrature_nodes, batch_size
-
-    @staticmethod
-    def _check_quadrature(quadrature_nodes: int | None) -> int | None:
-        if quadrature_nodes is None:
-            return None
-        if isinstance(quadrature_nodes, bool) or int(quadrature_nodes) != quadrature_nodes or quadrature_nodes < 1:
-            raise ValueError(
-                f"TransferableFlow: quadrature_nodes must be None (divergence integrated by the solver) or a "
-                f"positive integer number of Gauss-Legendre nodes, e.g. 16; got {quadrature_nodes!r}."
-            )
-        return int(quadrature_nodes)
-
-    @staticmethod
-    def _check_solver(method: str, atol: float, rtol: float, step_size: float | None, divergence: str):
-        if divergence not in DIVERGENCE_MODES:
-            raise ValueError(f"TransferableFlow: unknown divergence {divergence!r}; choose one of {DIVERGENCE_MODES}.")
-        if method in ADAPTIVE_METHODS:
-            if step_size is not None:
-                raise ValueError(
-                    f"TransferableFlow: step_size applies to fixed-step methods {FIXED_STEP_METHODS}; the adaptive "
-                    f"method {method!r} is controlled by atol/rtol. Pass step_size=None."
-                )
-            if not (atol > 0 and rtol > 0):
-                raise ValueError(f"TransferableFlow: atol and rtol must be positive, got atol={atol}, rtol={rtol}.")
-            return {}
-        if method in FIXED_STEP_METHODS:
-            if step_size is None or not (0 < step_size <= 1):
-                raise ValueError(
-                    f"TransferableFlow: fixed-step method {method!r} needs step_size in (0, 1] (the time runs "
-                    f"from 0 to 1), got {step_size!r}; e.g. step_size=0.05 for 20 steps."
-                )
-            return {"step_size": float(step_size)}
-        raise ValueError(
-            f"TransferableFlow: unknown ODE method {method!r}; choose an adaptive method {ADAPTIVE_METHODS} "
-            f"(with atol/rtol) or a fixed-step method {FIXED_STEP_METHODS} (with step_size)."
-        )
-
-    def _chunk_size(self, batch: int, n_atoms: int) -> int:
-        per_coordinate = batch * n_atoms * n_atoms * _hidden_width(self.vector_field)
-        return max(1, _EXACT_CHUNK_ELEMENTS // max(1, per_coordinate))
+    _check_quadrature = staticmethod(check_quadrature)
+    _check_solver = staticmethod(check_solver)
 
     def _integrate(self, x0: torch.Tensor, tokens: torch.Tensor, t0: float, t1: float, method: str,
                    atol: float, rtol: float, options: dict, divergence: str,
                    generator: torch.Generator | None,
                    quadrature_nodes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Integrate from t0 to t1; returns (x(t1), -int_{t0}^{t1} div dt, function evaluations)."""
-        from torchdiffeq import odeint
-
-        noise = None
-        if divergence == "hutchinson":
-            gen_device = generator.device if generator is not None else self.device
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=gen_device).to(x0.device)
-            noise = noise - noise.mean(1, keepdim=True)  # mean-free: the estimator probes the subspace only
-        func = _AugmentedDynamics(self.vector_field, tokens, divergence, noise,
-                                  self._chunk_size(x0.shape[0], x0.shape[1]))
-        if quadrature_nodes is None:
-            l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-            times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
-            with torch.no_grad():
-                xs, ls = odeint(func, (x0, l0), times, method=method, atol=atol, rtol=rtol,
-                                options=options or None)
-            return xs[-1], ls[-1], func.nfe
-        # Quadrature path: x alone through the solver, the exact trace only at the Gauss-Legendre nodes.
-        nodes, weights = gauss_legendre(quadrature_nodes)
-        node_times = t0 + (t1 - t0) * nodes  # increasing along the direction of integration
-        times = torch.tensor([t0, *node_times.tolist(), t1], dtype=x0.dtype, device=x0.device)
-        positions = _PositionDynamics(self.vector_field, tokens)
-        with torch.no_grad():
-            xs = odeint(positions, x0, times, method=method, atol=atol, rtol=rtol, options=options or None)
-        # The node states are independent, so their divergences are computed as one stacked batch (chunked
-        # by memory): one set of 3N backward passes serves several nodes instead of one each.
-        B, N = x0.shape[:2]
-        per_node = B * N * N * _hidden_width(self.vector_field)
-        nodes_per_chunk = max(1, _NODE_BATCH_ELEMENTS // max(1, per_node))
-        w = torch.as_tensor(weights, dtype=torch.float64, device=x0.device)
-        integral = torch.zeros(B, dtype=torch.float64, device=x0.device)
-        for start in range(0, len(nodes), nodes_per_chunk):
-            stop = min(start + nodes_per_chunk, len(nodes))
-            k = stop - start
-            x_nodes = xs[start + 1:stop + 1].reshape(k * B, N, 3)
-            t_nodes = times[start + 1:stop + 1].repeat_interleave(B)
-            if noise is not None:
-                func.noise = noise.repeat(k, 1, 1)
-            _, div = func.divergence_at(t_nodes, x_nodes)
-            integral = integral + (w[start:stop, None] * div.double().reshape(k, B)).sum(0)
-        return xs[-1], -(t1 - t0) * integral, positions.nfe + len(nodes)
+        noise = hutchinson_noise(x0, generator, self.device) if divergence == "hutchinson" else None
+        return integrate_with_divergence(self.vector_field, x0, tokens, t0, t1, method=method, atol=atol,
+                                         rtol=rtol, options=options, divergence=divergence, noise=noise,
+                                         quadrature_nodes=quadrature_nodes)
 
     @staticmethod
     def _generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -636,7 +387,7 @@ class TransferableFlow(nn.Module):
         if int(n) != n or n < 1:
             raise ValueError(f"TransferableFlow.sample: n must be a positive integer, got {n!r}.")
         n = int(n)
-        options, quadrature_nodes, batch_size = self._integration_options(
+        options, quadrature_nodes, batch_size = check_integration_options(
             "sample", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         generator = self._generator(generator)
         n_atoms = tokens.shape[0]
@@ -696,7 +447,7 @@ class TransferableFlow(nn.Module):
         tokens = self._as_tokens(tokens)
         x = self._as_positions(x_nm, tokens.shape[0])
         n = x.shape[0]
-        options, quadrature_nodes, batch_size = self._integration_options(
+        options, quadrature_nodes, batch_size = check_integration_options(
             "log_prob", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         if divergence == "hutchinson":
             generator = self._generator(generator)
