@@ -344,6 +344,124 @@ def _histidine_variant(names: set[str]) -> str:
     return "HID"
 
 
+def _check_single_chain(topology) -> None:
+    """Refuse a topology whose residues lie in more than one (non-empty) chain."""
+    chains = [c for c in topology.chains() if len(list(c.residues())) > 0]
+    if len(chains) != 1:
+        raise UnsupportedTopologyError(
+            f"The topology has {len(chains)} chains ({', '.join(repr(c.id) for c in chains)}); only a single "
+            f"peptide chain is supported. Encode each peptide separately. ({_SUPPORTED})")
+
+
+def _check_expected_atoms(residue, variant: str, nameset: set[str], pos: int, n: int) -> None:
+    """Refuse a residue whose atom names are not those of ``variant`` at sequence position ``pos`` of ``n``.
+
+    The message lists the missing and unexpected names and, where the cause is typical (no hydrogens, a
+    neutral or capped terminus), how to fix it.
+    """
+    expected = set(_residue_atom_names(variant, pos == 0, pos == n - 1))
+    missing, extra = sorted(expected - nameset), sorted(nameset - expected)
+    if not (missing or extra):
+        return
+    where = ("N-terminal " if pos == 0 else "") + ("C-terminal " if pos == n - 1 else "")
+    hint = ""
+    if not any(a.element is not None and a.element.symbol == "H" for a in residue.atoms()):
+        hint = " The residue has no hydrogens: add them with openmm.app.Modeller.addHydrogens(forcefield, pH=7)."
+    elif pos == 0 and "H2" in missing:
+        hint = " The N-terminus must be NH3+ (zwitterion); caps and neutral termini are not supported."
+    elif pos == n - 1 and "OXT" in missing:
+        hint = " The C-terminus must be COO- with an OXT atom (zwitterion)."
+    raise UnsupportedTopologyError(
+        f"{_residue_label(residue)} ({where}{variant}) does not match the expected atoms of a zwitterionic "
+        f"peptide: missing {missing}, unexpected {extra}.{hint} ({_SUPPORTED})")
+
+
+def _checked_atom_names(residue, aa: str, pos: int, n: int) -> tuple[str, list[str]]:
+    """The residue's variant and its atom names in the templates' spelling, checked against that variant.
+
+    Parameters
+    ----------
+    residue : openmm.app.topology.Residue
+    aa : str
+        Its amino acid (`_classify_residue`).
+    pos, n : int
+        Its position in the chain and the chain's length (termini have their own atoms).
+
+    Returns
+    -------
+    variant : str
+        ``aa``, or HID/HIE/HIP for histidine (from its hydrogens).
+    names : list of str
+        Atom names in residue order, the N-terminal ``H1`` spelled ``H``.
+    """
+    names = [a.name for a in residue.atoms()]
+    label = _residue_label(residue)
+    dupes = sorted({x for x in names if names.count(x) > 1})
+    if dupes:
+        raise UnsupportedTopologyError(f"{label} has duplicate atom names {dupes}; atom names must be unique "
+                                       "within a residue.")
+    # OpenMM's amber templates call the first N-terminal hydrogen H1; PDB files call it H.
+    norm = ["H" if (pos == 0 and x == "H1") else x for x in names]
+    nameset = set(norm)
+    variant = _histidine_variant(nameset) if aa == "HIS" else aa
+    if residue.name in HISTIDINE_VARIANTS and residue.name != variant:
+        raise UnsupportedTopologyError(
+            f"{label} is named {residue.name} but its hydrogens match {variant} "
+            f"(HD1 {'present' if 'HD1' in nameset else 'absent'}, HE2 {'present' if 'HE2' in nameset else 'absent'}).")
+    _check_expected_atoms(residue, variant, nameset, pos, n)
+    return variant, norm
+
+
+def _encode_atoms(residues: list, amino: list[str]) -> dict[str, list]:
+    """Per-atom columns of `AtomEncoding` (token parts, names, elements, masses in dalton), residue by residue.
+
+    Refuses residues with wrong atoms (`_checked_atom_names`), atoms out of residue order and atoms without
+    an element.
+    """
+    n = len(residues)
+    columns: dict[str, list] = {key: [] for key in ("residue_index", "amino_acid", "atom_class", "atom_names",
+                                                    "residue_names", "elements", "masses")}
+    expected_index = 0
+    for pos, (residue, aa) in enumerate(zip(residues, amino)):
+        variant, norm = _checked_atom_names(residue, aa, pos, n)
+        label = _residue_label(residue)
+        for atom, name in zip(residue.atoms(), norm):
+            if atom.index != expected_index:
+                raise UnsupportedTopologyError(
+                    f"Atom {atom.name} of {label} has index {atom.index} but position {expected_index} in "
+                    "residue order; atoms must be ordered residue by residue.")
+            expected_index += 1
+            if atom.element is None:
+                raise UnsupportedTopologyError(f"Atom {atom.name} of {label} has no element; set elements "
+                                               "(e.g. load the structure with openmm.app.PDBFile).")
+            columns["residue_index"].append(pos)
+            columns["amino_acid"].append(_AA_INDEX[aa])
+            columns["atom_class"].append(_CLASS_INDEX[atom_name_class(variant, name)])
+            columns["atom_names"].append(atom.name)
+            columns["residue_names"].append(residue.name)
+            columns["elements"].append(atom.element.symbol)
+            columns["masses"].append(atom.element.mass.value_in_unit(atom.element.mass.unit))
+    return columns
+
+
+def _check_peptide_bonds(topology, residues: list) -> None:
+    """Refuse a chain without a C-N peptide bond between consecutive residues, if the topology has bonds.
+
+    Topologies without bonds (e.g. built atom by atom) are not checked; PDBFile/Modeller topologies have them.
+    """
+    if topology.getNumBonds() == 0:
+        return
+    bonded = {frozenset((b[0].index, b[1].index)) for b in topology.bonds()}
+    for i in range(len(residues) - 1):
+        c = next(a for a in residues[i].atoms() if a.name == "C")
+        nn = next(a for a in residues[i + 1].atoms() if a.name == "N")
+        if frozenset((c.index, nn.index)) not in bonded:
+            raise UnsupportedTopologyError(
+                f"No peptide bond between C of {_residue_label(residues[i])} and N of "
+                f"{_residue_label(residues[i + 1])}; only linear peptides in chain order are supported. "
+                f"({_SUPPORTED})")
+
+
 def encode_topology(topology, positions=None) -> AtomEncoding:
     """Encode an OpenMM topology of a zwitterionic peptide into per-atom tokens.
 
@@ -374,87 +492,21 @@ def encode_topology(topology, positions=None) -> AtomEncoding:
         raise UnsupportedTopologyError(f"The topology has no residues. ({_SUPPORTED})")
     # Name the offending residue first (water/ion/ligand), since those usually sit in extra chains.
     amino = [_classify_residue(r) for r in residues]
-    chains = list(topology.chains())
-    chains = [c for c in chains if len(list(c.residues())) > 0]
-    if len(chains) != 1:
-        raise UnsupportedTopologyError(
-            f"The topology has {len(chains)} chains ({', '.join(repr(c.id) for c in chains)}); only a single "
-            f"peptide chain is supported. Encode each peptide separately. ({_SUPPORTED})")
-
-    n = len(residues)
-    residue_index, amino_acid, atom_class = [], [], []
-    atom_names, residue_names, elements, masses = [], [], [], []
-    expected_index = 0
-    for pos, (residue, aa) in enumerate(zip(residues, amino)):
-        atoms = list(residue.atoms())
-        names = [a.name for a in atoms]
-        label = _residue_label(residue)
-        dupes = sorted({x for x in names if names.count(x) > 1})
-        if dupes:
-            raise UnsupportedTopologyError(f"{label} has duplicate atom names {dupes}; atom names must be unique "
-                                           "within a residue.")
-        # OpenMM's amber templates call the first N-terminal hydrogen H1; PDB files call it H.
-        norm = ["H" if (pos == 0 and x == "H1") else x for x in names]
-        nameset = set(norm)
-        variant = _histidine_variant(nameset) if aa == "HIS" else aa
-        if residue.name in HISTIDINE_VARIANTS and residue.name != variant:
-            raise UnsupportedTopologyError(
-                f"{label} is named {residue.name} but its hydrogens match {variant} "
-                f"(HD1 {'present' if 'HD1' in nameset else 'absent'}, HE2 {'present' if 'HE2' in nameset else 'absent'}).")
-        expected = set(_residue_atom_names(variant, pos == 0, pos == n - 1))
-        missing, extra = sorted(expected - nameset), sorted(nameset - expected)
-        if missing or extra:
-            where = ("N-terminal " if pos == 0 else "") + ("C-terminal " if pos == n - 1 else "")
-            hint = ""
-            if not any(a.element is not None and a.element.symbol == "H" for a in atoms):
-                hint = " The residue has no hydrogens: add them with openmm.app.Modeller.addHydrogens(forcefield, pH=7)."
-            elif pos == 0 and "H2" in missing:
-                hint = " The N-terminus must be NH3+ (zwitterion); caps and neutral termini are not supported."
-            elif pos == n - 1 and "OXT" in missing:
-                hint = " The C-terminus must be COO- with an OXT atom (zwitterion)."
-            raise UnsupportedTopologyError(
-                f"{label} ({where}{variant}) does not match the expected atoms of a zwitterionic peptide: "
-                f"missing {missing}, unexpected {extra}.{hint} ({_SUPPORTED})")
-        for atom, name in zip(atoms, norm):
-            if atom.index != expected_index:
-                raise UnsupportedTopologyError(
-                    f"Atom {atom.name} of {label} has index {atom.index} but position {expected_index} in "
-                    "residue order; atoms must be ordered residue by residue.")
-            expected_index += 1
-            if atom.element is None:
-                raise UnsupportedTopologyError(f"Atom {atom.name} of {label} has no element; set elements "
-                                               "(e.g. load the structure with openmm.app.PDBFile).")
-            residue_index.append(pos)
-            amino_acid.append(_AA_INDEX[aa])
-            atom_class.append(_CLASS_INDEX[atom_name_class(variant, name)])
-            atom_names.append(atom.name)
-            residue_names.append(residue.name)
-            elements.append(atom.element.symbol)
-            masses.append(atom.element.mass.value_in_unit(atom.element.mass.unit))
-    if expected_index != topology.getNumAtoms():
+    _check_single_chain(topology)
+    columns = _encode_atoms(residues, amino)
+    n_encoded = len(columns["atom_names"])
+    if n_encoded != topology.getNumAtoms():
         raise UnsupportedTopologyError(f"The topology has {topology.getNumAtoms()} atoms but its residues hold "
-                                       f"{expected_index}.")
-
-    # Peptide bonds, when the topology carries bonds (PDBFile/Modeller topologies do).
-    if topology.getNumBonds() > 0:
-        bonded = {frozenset((b[0].index, b[1].index)) for b in topology.bonds()}
-        for i in range(n - 1):
-            c = next(a for a in residues[i].atoms() if a.name == "C")
-            nn = next(a for a in residues[i + 1].atoms() if a.name == "N")
-            if frozenset((c.index, nn.index)) not in bonded:
-                raise UnsupportedTopologyError(
-                    f"No peptide bond between C of {_residue_label(residues[i])} and N of "
-                    f"{_residue_label(residues[i + 1])}; only linear peptides in chain order are supported. "
-                    f"({_SUPPORTED})")
-
+                                       f"{n_encoded}.")
+    _check_peptide_bonds(topology, residues)
     enc = AtomEncoding(
-        residue_index=np.asarray(residue_index, dtype=np.int64),
-        amino_acid=np.asarray(amino_acid, dtype=np.int64),
-        atom_class=np.asarray(atom_class, dtype=np.int64),
-        atom_names=tuple(atom_names),
-        residue_names=tuple(residue_names),
-        elements=tuple(elements),
-        masses=np.asarray(masses, dtype=np.float64),
+        residue_index=np.asarray(columns["residue_index"], dtype=np.int64),
+        amino_acid=np.asarray(columns["amino_acid"], dtype=np.int64),
+        atom_class=np.asarray(columns["atom_class"], dtype=np.int64),
+        atom_names=tuple(columns["atom_names"]),
+        residue_names=tuple(columns["residue_names"]),
+        elements=tuple(columns["elements"]),
+        masses=np.asarray(columns["masses"], dtype=np.float64),
     )
     if positions is not None:
         check_chirality(enc, positions)
