@@ -237,6 +237,72 @@ def test_plots_write_png_files(tmp_path):
         ev.plot_ramachandran(md, bg, np.ones(3), tmp_path / "bad.png")
 
 
+def _capture_saved_figures(monkeypatch) -> list:
+    """Record every matplotlib Figure that is saved (it is still written), so that a test can inspect it."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def _notes(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def _colour_bar_labels(fig) -> list[list[str]]:
+    """The labelled ticks inside the range of every colour bar of a drawn figure."""
+    fig.canvas.draw()
+    out = []
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            lo, hi = sorted(ax.get_ylim())
+            out.append([t.get_text() for minor in (False, True)
+                        for t, v in zip(ax.yaxis.get_ticklabels(minor=minor), ax.yaxis.get_ticklocs(minor=minor))
+                        if lo <= v <= hi and t.get_text()])
+    return out
+
+
+def test_figures_mark_panels_with_too_few_samples_and_label_colour_bars_distinctly(tmp_path, monkeypatch):
+    from matplotlib.collections import QuadMesh
+
+    saved = _capture_saved_figures(monkeypatch)
+    rng = np.random.default_rng(8)
+    md = rng.uniform(-np.pi, np.pi, (500, 2))
+    # 6 valid samples, one with all the weight (ESS 1.0): the case that looked like data in docs/.
+    w_few = np.array([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    ev.plot_ramachandran(md, rng.uniform(-np.pi, np.pi, (6, 2)), w_few, tmp_path / "few.png")
+    ev.plot_energy_histogram(rng.normal(size=500), rng.normal(size=6), w_few, tmp_path / "few_energy.png")
+    ev.plot_ramachandran(md, rng.uniform(-np.pi, np.pi, (400, 2)), rng.random(400), tmp_path / "many.png")
+    ev.plot_energy_histogram(rng.normal(size=500), rng.normal(size=400), rng.random(400),
+                             tmp_path / "many_energy.png")
+    few, few_energy, many, many_energy = saved
+
+    assert "6 valid samples: too few for a density" in _notes(few)
+    assert any(t.startswith("6 valid samples, ESS 1.0: too few for a density") for t in _notes(few))
+    # Only the MD panel is a 2-D histogram; the BG panels show their 6 samples as points.
+    meshes = [sum(isinstance(c, QuadMesh) for c in ax.collections) for ax in few.axes[:3]]
+    assert meshes == [1, 0, 0]
+    assert [len(ax.collections) for ax in few.axes[1:3]] == [1, 1]
+    assert any(t.startswith("BG:\n6 valid samples, ESS 1.0: too few for a density") for t in _notes(few_energy))
+    legend = [t.get_text() for t in few_energy.axes[0].get_legend().get_texts()]
+    assert not any(label.startswith("BG raw") or label.startswith("BG reweighted") for label in legend)
+
+    assert _notes(many) == [] and _notes(many_energy) == []
+    assert any(label.startswith("BG reweighted (ESS") for label in
+               [t.get_text() for t in many_energy.axes[0].get_legend().get_texts()])
+    for figure, n_bars in ((few, 1), (many, 3)):
+        bars = _colour_bar_labels(figure)
+        assert len(bars) == n_bars
+        for labels in bars:  # at least two ticks, no two reading the same (the "1.51982x10^1" bug)
+            assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 class GaussianAroundReference(torch.nn.Module):
     """Closed-form CNF field: transports the standard prior to N(x_ref, sigma^2) (internal units) along the

@@ -170,9 +170,10 @@ def peptide_figures(metrics: dict[str, Any], arrays: dict[str, np.ndarray], md: 
     energy = out_dir / f"{name}_energy.png"
     pairs_bg = ramachandran_pairs(arrays["phi_bg"], arrays["psi_bg"])
     # ramachandran_pairs stacks residue after residue, so each frame's weight repeats once per residue.
-    w_pairs = np.tile(w_bg, len(pairs_bg) // len(w_bg)) if len(w_bg) else w_bg
-    plot_ramachandran(ramachandran_pairs(md["phi"], md["psi"]), pairs_bg, w_pairs, rama,
-                      title=f"{name}: {metrics['n_samples']} BG samples, ESS {100 * metrics['ess']:.2f} %")
+    per_sample = len(pairs_bg) // len(w_bg) if len(w_bg) else 1
+    plot_ramachandran(ramachandran_pairs(md["phi"], md["psi"]), pairs_bg, np.tile(w_bg, per_sample), rama,
+                      title=f"{name}: {metrics['n_samples']} BG samples, ESS {100 * metrics['ess']:.2f} %",
+                      pairs_per_sample=per_sample)
     plot_energy_histogram(arrays["u_md"], arrays["u_bg"], w_bg, energy,
                           title=f"{name}: reduced energies at {metrics['temperature_K']:g} K")
     return {"ramachandran": str(rama), "energy": str(energy)}
