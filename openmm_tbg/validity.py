@@ -158,7 +158,7 @@ class ValidityChecker:
         return self
 
     def _setup(self, bonds, encoding, reference_positions, bond_factor, check_bonds, check_chirality, centers):
-        from . import encoding as encoding_module
+        from .chirality import chiral_centers, signed_volumes
 
         self.encoding = encoding
         self.n_atoms = encoding.n_atoms
@@ -186,7 +186,7 @@ class ValidityChecker:
             self.cutoffs = None
         if centers is None and self.check_chirality:
             try:
-                centers = encoding_module.chiral_centers(encoding)
+                centers = chiral_centers(encoding)
             except (KeyError, IndexError) as error:
                 # Toy encodings (e.g. in tests) lack the named backbone atoms: no centres apply.
                 logger.info("No chiral centres found in this encoding (%r); chirality is not checked.", error)
@@ -208,7 +208,7 @@ class ValidityChecker:
                     f"openmm.app.PDBFile) or the structure is distorted. Pass bond_factor or check_bonds=False "
                     f"to override.")
             if len(self.centers):
-                vol = encoding_module.signed_volumes(ref, self.centers)[0]
+                vol = signed_volumes(ref, self.centers)[0]
                 if np.any(vol == 0):
                     raise ValueError("reference_positions has a planar chiral centre; give a proper structure.")
                 self.expected_signs = np.sign(vol)
@@ -348,7 +348,7 @@ class ValidityChecker:
             todo = todo[reasons[todo] == ""]
 
         if self.check_chirality and len(self.centers) and len(todo):
-            from .encoding import signed_volumes
+            from .chirality import signed_volumes
 
             signs = np.sign(signed_volumes(x[todo], self.centers)) * self.expected_signs
             natural = (signs > 0).all(axis=1)
