@@ -12,14 +12,17 @@ before step 2. The same thing from the command line::
     openmm-tbg simulate NT --out my_md --ns 1
     openmm-tbg train --data my_md --split all --peptides NT --out nt.pt --init-from default --steps 300 --lr 1e-4
 
-The defaults are sized to finish in minutes on a CPU (0.2 ns of MD, 100 steps, 8 proposals per model): enough to
-see the workflow run, far too little to improve the model. A useful fine-tune takes more of each, for example
-``--ns 1 --steps 300 --samples 32``, which on one core of the 2-core CPU VM took about 5-16 min of MD (3.2-9.5 s
-per 10 ps frame in two runs), 4 min of training (1.3-1.5 steps/s) and 5 min per model for the 32 proposals
-(about 10 s per NT sample with exact likelihoods), measured piecewise on 2026-11-24.
+The defaults are the smallest run that shows the whole workflow (0.2 ns of MD, 100 steps, 8 proposals per
+model). They are far too little to improve the model, and still take about a quarter of an hour on a loaded
+CPU. A useful fine-tune takes more of each, for example ``--ns 1 --steps 300 --samples 32``. On one core of the
+2-core CPU VM that took about 5-16 min of MD (3.2-9.5 s per 10 ps frame in two runs), 4 min of training
+(1.3-1.5 steps/s) and 5 min per model for the 32 proposals (about 10 s per NT sample with exact likelihoods),
+measured piecewise on 2026-11-24.
 
-Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM while other jobs shared it:
-see RUNTIME below.
+Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01 while other jobs
+(model training, test suites) kept its load average at 3.3-4.9: 16 min wall clock (MD 120 s for 20 frames,
+training 280 s, 263 s and 291 s for each model's 8 proposals), 725 s user + 108 s system CPU, peak memory
+(maximum resident set) 2.3 GB.
 
     python examples/fine_tune_peptide.py                       # NT, 0.2 ns, 100 steps, 8 proposals per model
     python examples/fine_tune_peptide.py --ns 1 --steps 300 --samples 32
@@ -30,6 +33,7 @@ import logging
 import os
 import time
 
+import torch
 from openmm import unit
 
 from openmm_tbg import BoltzmannGeneratorSampler, build_peptide
@@ -48,7 +52,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8, help="proposals per model (default 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 AA samples took 93 s with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     md_dir = os.path.join(args.work_dir, "md")
