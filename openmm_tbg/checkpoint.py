@@ -36,7 +36,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 SHIPPED_MODELS = {"egnn-cnf": MODELS_DIR / "tbg_dipeptides.pt",
                   "internal-coordinate": MODELS_DIR / "ic_dipeptides.pt"}
 #: The family whose shipped model measured better on the test peptides (README, "The shipped models").
-DEFAULT_FAMILY = "egnn-cnf"
+DEFAULT_FAMILY = "internal-coordinate"
 #: the pretrained model loaded by ``load_model()`` and used by default everywhere
 DEFAULT_MODEL_PATH = SHIPPED_MODELS[DEFAULT_FAMILY]
 

@@ -153,6 +153,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--resample must be 0 (off) or a positive number of frames, got {args.resample}.")
     if args.torch_threads < 1:
         raise ValueError(f"--torch-threads must be a positive integer, got {args.torch_threads}.")
+    # Create the output directory before sampling, not fail on it afterwards.
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     import torch
 
     torch.set_num_threads(args.torch_threads)

@@ -144,15 +144,15 @@ def test_real_errors_from_the_sample_command(tmp_path):
 
 # ------------------------------------------------------------------------------- `openmm-tbg sample` (item 6)
 def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys):
-    """Shipped model, 4 AA proposals with a cheap quadrature (~20 s on the 2-core CPU)."""
+    """The default shipped model, 4 AA proposals (seconds on the 2-core CPU)."""
     import mdtraj
 
     from openmm_tbg.results import SampleResult
     from openmm_tbg.sample_command import output_paths
 
     out = tmp_path / "aa.npz"
-    rc = cli.main(["sample", "--sequence", "AA", "--samples", "4", "--quadrature-nodes", "4", "--atol", "1e-3",
-                   "--rtol", "1e-3", "--output", str(out), "--resample", "4", "--no-progress"])
+    rc = cli.main(["sample", "--sequence", "AA", "--samples", "4", "--output", str(out), "--resample", "4",
+                   "--no-progress"])
     captured = capsys.readouterr()
     paths = output_paths(str(out))
     result = SampleResult.load(paths["result"])

@@ -149,7 +149,7 @@ def test_importance_sampling_recovers_a_known_partition_function(kind):
         # on the negative side of H1 around the C-A axis. With independent springs their azimuths are
         # independent and uniform, so that is 1/4 of the target (for a real methyl it is a clash).
         exact *= 0.75
-    assert error < 0.05 * exact  # the test has power
+    assert error < 0.08 * exact  # the test has power
     assert abs(estimate - exact) < 5 * error
 
 

@@ -228,7 +228,7 @@ def test_unsupported_peptides_are_refused_when_the_sampler_is_built():
     from openmm_tbg.peptides import build_peptide
 
     pep = build_peptide("AAA")
-    with pytest.raises(UnsupportedTopologyError, match=r"at most 2 residues.*'AAA' has 3"):
+    with pytest.raises(UnsupportedTopologyError, match=r"at most 2 residues.*'AAA'"):
         BoltzmannGeneratorSampler(pep.system, pep.topology)
     with pytest.raises(UnsupportedTopologyError, match="openmm-tbg train"):
         TBGMove(None, pep.topology)
