@@ -35,4 +35,4 @@ test: $(STAMP)
 	$(VENV_PYTHON) -m pytest tests -q
 
 demo: $(STAMP)
-	$(VENV_PYTHON) examples/sample_dipeptide.py --samples 32
+	$(VENV_PYTHON) examples/sample_dipeptide.py

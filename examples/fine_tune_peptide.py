@@ -12,19 +12,16 @@ before step 2. The same thing from the command line::
     openmm-tbg simulate NT --out my_md --ns 1
     openmm-tbg train --data my_md --split all --peptides NT --out nt.pt --init-from default --steps 300 --lr 1e-4
 
-The defaults are the smallest run that shows the whole workflow (0.2 ns of MD, 100 steps, 8 proposals per
-model). They are far too little to improve the model, and still take about a quarter of an hour on a loaded
-CPU. A useful fine-tune takes more of each, for example ``--ns 1 --steps 300 --samples 32``. On one core of the
-2-core CPU VM that took about 5-16 min of MD (3.2-9.5 s per 10 ps frame in two runs), 4 min of training
-(1.3-1.5 steps/s) and 5 min per model for the 32 proposals (about 10 s per NT sample with exact likelihoods),
-measured piecewise on 2026-11-24.
+The defaults (0.2 ns of MD, 100 steps, 1000 proposals per model) show the whole workflow; they are too little
+to improve the model much. With the CNF (``--model egnn-cnf``) the proposals cost about 10 s each on one CPU
+core, so use ``--samples 8`` or so there. On 2026-11-24 a CNF run of
+``--ns 1 --steps 300 --samples 32`` took about 5-16 min of MD (3.2-9.5 s per 10 ps frame in two runs), 4 min
+of training (1.3-1.5 steps/s) and 5 min per model for the proposals, measured piecewise.
 
-Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01 while other jobs
-(model training, test suites) kept its load average at 3.3-4.9: 16 min wall clock (MD 120 s for 20 frames,
-training 280 s, 263 s and 291 s for each model's 8 proposals), 725 s user + 108 s system CPU, peak memory
-(maximum resident set) 2.3 GB.
+Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-02 while other jobs
+shared it: FT_IC
 
-    python examples/fine_tune_peptide.py                       # NT, 0.2 ns, 100 steps, 8 proposals per model
+    python examples/fine_tune_peptide.py                       # NT, 0.2 ns, 100 steps, 1000 proposals per model
     python examples/fine_tune_peptide.py --ns 1 --steps 300 --samples 32
 """
 
@@ -37,7 +34,7 @@ import torch
 from openmm import unit
 
 from openmm_tbg import BoltzmannGeneratorSampler, build_peptide
-from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH
+from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH, SHIPPED_MODELS
 from openmm_tbg.data import load_dataset, simulate
 from openmm_tbg.training import TrainingConfig, train
 
@@ -50,14 +47,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps (default 100)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=8, help="proposals per model (default 8)")
+    parser.add_argument("--samples", type=int, default=1000, help="proposals per model (default 1000)")
+    parser.add_argument("--model", default=None,
+                        help="model to start from and compare with: a shipped family "
+                             f"({', '.join(SHIPPED_MODELS)}) or a checkpoint path (default: the default model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 AA samples took 93 s with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
+                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
+                             "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    start_model = str(SHIPPED_MODELS.get(args.model, args.model or DEFAULT_MODEL_PATH))
     md_dir = os.path.join(args.work_dir, "md")
     print(f"1/3: {args.ns:g} ns of MD of {args.sequence} into {md_dir}", flush=True)
     start = time.perf_counter()
@@ -71,14 +73,14 @@ def main(argv=None) -> int:
                             checkpoint_every=0, device="auto")
     print(f"2/3: {args.steps} fine-tuning steps from the shipped model ({md_seconds:.0f} s of MD done)", flush=True)
     start = time.perf_counter()
-    result = train(trajectories, tuned_path, config, data_dir=md_dir, init_from=DEFAULT_MODEL_PATH)
+    result = train(trajectories, tuned_path, config, data_dir=md_dir, init_from=start_model)
     train_seconds = time.perf_counter() - start
 
     peptide = build_peptide(args.sequence)
     rows = []
     print(f"3/3: {args.samples} proposals with exact likelihoods from each model ({train_seconds:.0f} s of "
           "training done)", flush=True)
-    for label, model in (("shipped", None), ("fine-tuned", tuned_path)):
+    for label, model in (("shipped", start_model), ("fine-tuned", tuned_path)):
         sampler = BoltzmannGeneratorSampler(peptide.system, peptide.topology, model=model,
                                             temperature=310 * unit.kelvin, seed=args.seed)
         start = time.perf_counter()

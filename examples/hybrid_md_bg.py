@@ -5,19 +5,21 @@ the flow, accepted by Metropolis-Hastings, so the chain stays exact). MD alone r
 on this time scale; the flow proposals jump between basins. The script prints the (phi, psi) basins visited
 and the TBGMove acceptance, one line per iteration with the time spent.
 
-TBGMove draws its proposals ``--buffer-size`` at a time, each with an exact likelihood, and every move also
-evaluates the exact log density of the current state (MD has moved it). With the shipped model one exact
-likelihood of AA costs about 3 s of one CPU core, so a buffer of 64 (TBGMove's default) makes the first move
-take minutes; this script uses 8 and says when it refills the buffer.
+TBGMove draws its proposals ``--buffer-size`` at a time, each with an exact likelihood, and every move with a
+valid proposal also evaluates the exact log density of the current state (MD has moved it). With the default
+internal-coordinate model that is one cheap pass. With the CNF (``--model egnn-cnf``) one exact likelihood of AA
+costs seconds of one CPU core, so a buffer of 64 (TBGMove's default) makes the first move silent for minutes;
+this script uses 8 and says when it refills the buffer.
 
-    python examples/hybrid_md_bg.py                          # 16 iterations, buffer of 8
-    python examples/hybrid_md_bg.py --iterations 200 --buffer-size 32 --model my.pt
+    python examples/hybrid_md_bg.py                                          # 200 iterations, default model
+    python examples/hybrid_md_bg.py --model egnn-cnf --iterations 16         # the CNF: minutes per few moves
 
-Cost with the defaults (AA, 16 iterations, buffer 8), measured with ``/usr/bin/time -v`` on the 2-core CPU VM
-on 2026-12-01 while other jobs (model training, test suites) kept its load average at 3.3-5.5: 19 min wall clock,
-825 s user CPU, peak memory (maximum resident set) 1.4 GB. Most of it is exact likelihoods: the two buffer refills
-took 250-300 s each and every valid proposal 20-115 s for the current state's log density. A run of 30
-iterations under a load of 3.6-4.4 took 8.4 min (1.5 GB), so expect the time to vary twofold with the load.
+Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
+training, test suites) shared; the load average is given with each figure:
+- defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8): HYB_IC
+- ``--model egnn-cnf --iterations 16``: HYB_CNF With two torch threads under a load of 3.3-5.5 the same run took
+  19 min (1.4 GB): the two buffer refills 250-300 s each, every valid proposal 20-115 s for the current state's
+  log density.
 """
 
 import argparse
@@ -53,7 +55,7 @@ def backbone_angles(topology, positions_nm):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", default="AA")
-    parser.add_argument("--iterations", type=int, default=16, help="MD + TBGMove iterations (default 16)")
+    parser.add_argument("--iterations", type=int, default=200, help="MD + TBGMove iterations (default 200)")
     parser.add_argument("--md-steps", type=int, default=500, help="Langevin steps (1 fs) per iteration")
     parser.add_argument("--buffer-size", type=int, default=8,
                         help="flow proposals TBGMove draws at a time (default 8; TBGMove's own default is 64)")
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ode-method", default="dopri5")
     parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 AA samples took 93 s with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
+                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
+                             "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)

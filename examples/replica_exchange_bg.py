@@ -6,19 +6,22 @@ it runs in. The simulation is stored with MultiStateReporter (NetCDF); run the s
 continue it (the TBGMove is restored from its checkpoint path, whose sha256 is verified).
 
 Each replica has its own copy of the move and so its own proposal buffer of ``--buffer-size`` flow samples,
-each with an exact likelihood (about 3 s of one CPU core for AA with the shipped model). A restored move starts
-with an empty buffer, so every start and every ``--resume`` first draws ``replicas x buffer-size`` proposals;
-with TBGMove's default buffer of 64 that is 256 proposals (over 10 CPU-minutes) before the first iteration.
-This script uses 2, and prints one line per iteration with the time spent. Every move whose proposal is valid
-also evaluates the exact log density of its replica's current state (MD has moved it), so an iteration costs
-up to one exact likelihood per replica on top of the proposals.
+each with an exact likelihood. A restored move starts with an empty buffer, so every start and every
+``--resume`` first draws ``replicas x buffer-size`` proposals, and every move with a valid proposal also
+evaluates the exact log density of its replica's current state (MD has moved it). With the default
+internal-coordinate model that is cheap. With the CNF (``--model egnn-cnf``, seconds per exact likelihood on a
+CPU) TBGMove's default buffer of 64 would mean 256 proposals, over 10 CPU-minutes, before the first iteration;
+this script uses 2, and prints one line per iteration with the time spent.
 
-    python examples/replica_exchange_bg.py                                   # 4 replicas, 2 iterations
-    python examples/replica_exchange_bg.py --resume                          # 2 more
-    python examples/replica_exchange_bg.py --iterations 50 --buffer-size 16  # a longer run
+    python examples/replica_exchange_bg.py                                   # 4 replicas, 50 iterations
+    python examples/replica_exchange_bg.py --resume                          # 50 more
+    python examples/replica_exchange_bg.py --model egnn-cnf --iterations 2 --storage cnf.nc   # the CNF
 
-Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM while other jobs shared it:
-see RUNTIME below.
+Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
+training, test suites) shared; the load average is given with each figure:
+- defaults (4 replicas, 50 iterations of 250 MD steps + one TBGMove each, buffer 2): REX_IC
+- ``--model egnn-cnf --iterations 2``: REX_CNF With two torch threads under a load of 4.6-6.3, 4 iterations took
+  11 min (1.0 GB) and their --resume 12 min, 7.5 of them in the first iteration, which refills every buffer.
 """
 
 import argparse
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sequence", default="AA")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[310.0, 350.0, 400.0, 450.0],
                         help="kelvin, one replica each")
-    parser.add_argument("--iterations", type=int, default=2, help="iterations to run or add (default 2)")
+    parser.add_argument("--iterations", type=int, default=50, help="iterations to run or add (default 50)")
     parser.add_argument("--buffer-size", type=int, default=2,
                         help="flow proposals each replica's TBGMove draws at a time (default 2; TBGMove's own "
                              "default is 64)")
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ode-method", default="dopri5")
     parser.add_argument("--step-size", type=float, default=None)
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 AA samples took 93 s with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
+                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
+                             "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)

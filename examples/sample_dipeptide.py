@@ -6,12 +6,16 @@ resampled (unweighted) frames to a PDB and a DCD file, and a Ramachandran plot o
 samples to a PNG. By default it resamples as many frames as the ESS is worth (in samples), so that the frames
 are not copies of one configuration; it says how many distinct configurations they hold.
 
-    python examples/sample_dipeptide.py                                 # 32 samples, the shipped model
-    python examples/sample_dipeptide.py --samples 200 --model my.pt     # your own checkpoint
+    python examples/sample_dipeptide.py                                     # 1000 samples, the default model
+    python examples/sample_dipeptide.py --model egnn-cnf --samples 32       # the shipped CNF (slow on a CPU)
+    python examples/sample_dipeptide.py --samples 200 --model my.pt         # your own checkpoint
 
-Cost with the defaults (32 AA samples, exact likelihoods; this is what ``make demo`` runs), measured with
-``/usr/bin/time -v`` on the 2-core CPU VM while other jobs shared it (load average ~2): see RUNTIME below.
-Each AA sample costs about 3 s of one core; NY (38 atoms) about 13 s.
+Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
+training, test suites) shared; the load average is given with each figure:
+- defaults (1000 samples, the internal-coordinate model; what ``make demo`` runs): DEMO_IC
+- ``--model egnn-cnf --samples 32`` (the CNF's exact likelihoods, in batches of 8): 113 s of sampling, 116 s in
+  all, peak memory (maximum resident set) 1.3 GB, load 1-2. With two torch threads under a load of 3-4.6 the
+  same run took 846 s; with all 32 in one batch it peaked at 3.1 GB.
 """
 
 import argparse
@@ -28,21 +32,24 @@ from openmm_tbg.figures import save_ramachandran
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", default="AA", help="one-letter sequence (default AA)")
-    parser.add_argument("--samples", type=int, default=32, help="number of flow samples (default 32)")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="number of flow samples (default 1000; use about 32 with the CNF, which draws 0.02-0.07 "
+                             "samples per second on one CPU core)")
     parser.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
     parser.add_argument("--resample", type=int, default=None,
                         help="frames to resample for the PDB/DCD (default: the ESS in samples, rounded)")
     parser.add_argument("--output", default="dipeptide_resampled",
                         help="prefix of the .pdb/.dcd/.npz/_ramachandran.png files")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="samples integrated together (default 8): the progress bar moves once per batch, and "
-                             "the memory of the exact likelihoods grows with the batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples drawn together (default 8 for the CNF, whose progress bar moves once per batch "
+                             "and whose exact likelihoods need memory in proportion to it; 256 otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ode-method", default="dopri5", help="torchdiffeq method (default dopri5)")
     parser.add_argument("--step-size", type=float, default=None, help="step of fixed-step ODE methods")
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 AA samples took 93 s with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
+                        help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
+                             "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -54,8 +61,10 @@ def main(argv=None) -> int:
         options["step_size"] = args.step_size
     sampler = BoltzmannGeneratorSampler(peptide.system, peptide.topology, model=args.model,
                                         temperature=310 * unit.kelvin, device=args.device,
-                                        batch_size=args.batch_size, seed=args.seed, positions=peptide.positions,
+                                        batch_size=args.batch_size or 256, seed=args.seed, positions=peptide.positions,
                                         **options)
+    if args.batch_size is None and sampler.flow.family == "egnn-cnf":
+        sampler.batch_size = 8  # a moving progress bar and a bounded autograd graph for the exact likelihoods
     print(f"drawing {args.samples} flow samples of {args.sequence} with exact likelihoods (progress bar below)",
           flush=True)
     result = sampler.sample(args.samples, method="importance", progress=True)

@@ -23,20 +23,24 @@ from typing import Optional
 
 import numpy as np
 
+from .checkpoint import resolve_model
 from .flow import DEFAULT_QUADRATURE_NODES
 from .sampler import METHODS, BoltzmannGeneratorSampler
+from .utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "ode_kwargs", "output_paths", "draw_seed",
-           "DEFAULT_SAMPLES",
-           "DEFAULT_BATCH_SIZE"]
+           "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE", "DEFAULT_BATCH_SIZE_ONE_PASS"]
 
-#: Default number of proposals: a few minutes for a dipeptide on one CPU core with exact likelihoods.
-DEFAULT_SAMPLES = 100
-#: Default batch: progress every 8 proposals, and a bounded autograd graph for the quadrature nodes (on the 2-core
-#: CPU a batch of 16 NY proposals peaked at 4.1 GB, most of it the stacked node batch).
-DEFAULT_BATCH_SIZE = 8
+#: Default number of proposals: seconds with the default internal-coordinate model on one CPU core (1000 AA
+#: samples: 8.5 s in all); with the CNF (``--model egnn-cnf``) hours, so pass a smaller --samples there.
+DEFAULT_SAMPLES = 1000
+#: Default batch by model family. The CNF's exact likelihoods keep an autograd graph of about 16 quadrature nodes
+#: x batch x 5 MiB (AA) to 13 MiB (NY) alive at once (16 NY proposals in one batch peaked at 4.1 GB), and its
+#: progress bar moves once per batch of minutes; one-pass families need neither.
+DEFAULT_BATCH_SIZE = {"egnn-cnf": 8}
+DEFAULT_BATCH_SIZE_ONE_PASS = 256
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,16 +51,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--pdb", help="PDB file of the peptide (System from amber14-all + implicit/obc1)")
     parser.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                        help=f"number of flow proposals (default {DEFAULT_SAMPLES}). With exact likelihoods one "
-                             "CPU core draws about 0.35 AA or 0.08 NY samples per second with the shipped model")
+                        help=f"number of flow proposals (default {DEFAULT_SAMPLES}): seconds with the default "
+                             "internal-coordinate model; with the CNF (--model egnn-cnf) one CPU core draws about "
+                             "0.02-0.07 samples per second, so use e.g. --samples 32 there")
     parser.add_argument("--method", choices=METHODS, default="importance",
                         help="importance weights (default), an independence Metropolis chain, or none")
     parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"proposals integrated together (default {DEFAULT_BATCH_SIZE}); the progress bar moves "
-                             "once per batch, and memory grows with it: with 16 quadrature nodes the exact "
-                             "likelihoods of a batch keep about 16 x batch x 5 MiB (AA) or 13 MiB (NY) of "
-                             "autograd tensors alive at once")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"proposals drawn together (default {DEFAULT_BATCH_SIZE['egnn-cnf']} for the CNF, "
+                             f"{DEFAULT_BATCH_SIZE_ONE_PASS} otherwise); the progress bar moves once per batch. "
+                             "The CNF's memory grows with it: its exact likelihoods keep about 16 x batch x 5 MiB "
+                             "(AA) to 13 MiB (NY) of autograd tensors alive at once")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (default: drawn at random, printed and recorded in "
                              "OUT_valid_weights.npz, so that --seed repeats the run)")
@@ -177,8 +182,12 @@ def run_from_cli(args: argparse.Namespace) -> int:
         system, topology, positions = create_system(pdb.topology), pdb.topology, pdb.positions
         name = os.path.basename(args.pdb)
     paths = output_paths(args.output)
-    sampler = BoltzmannGeneratorSampler(system, topology, model=args.model, temperature=args.temperature,
-                                        device=args.device, batch_size=args.batch_size, seed=seed,
+    flow, _, _ = resolve_model(args.model, resolve_device(args.device))
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE.get(getattr(flow, "family", ""), DEFAULT_BATCH_SIZE_ONE_PASS)
+    sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
+                                        device=args.device, batch_size=batch_size, seed=seed,
                                         positions=positions, **ode_kwargs(args))
     try:
         result = sampler.sample(args.samples, method=args.method, progress=not args.no_progress)
