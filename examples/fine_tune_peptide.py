@@ -14,12 +14,15 @@ before step 2. The same thing from the command line::
 
 The defaults (0.2 ns of MD, 100 steps, 1000 proposals per model) show the whole workflow; they are too little
 to improve the model much. With the CNF (``--model egnn-cnf``) the proposals cost about 10 s each on one CPU
-core, so use ``--samples 8`` or so there. On 2026-11-24 a CNF run of
-``--ns 1 --steps 300 --samples 32`` took about 5-16 min of MD (3.2-9.5 s per 10 ps frame in two runs), 4 min
-of training (1.3-1.5 steps/s) and 5 min per model for the proposals, measured piecewise.
+core, so use ``--samples 8`` or so there. On 2026-11-24 a CNF run of ``--ns 1 --steps 300 --samples 32`` took
+about 5-16 min of MD (3.2-9.5 s per 10 ps frame in two runs), 4 min of training (1.3-1.5 steps/s) and 5 min
+per model for the proposals, measured piecewise.
 
 Cost with the defaults, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-02 while other jobs
-shared it: FT_IC
+shared it (load 1.2-1.9): 4.4 min wall clock (MD 235 s for 20 frames, training 20 s, 3 s for each model's 1000
+proposals), peak memory (maximum resident set) 0.62 GB. The MD took 123 s in an earlier run at a similar load,
+so most of the variation is there. ``--model egnn-cnf --samples 8`` took 16 min (training 280 s, 263 s and 291 s
+for the two models' proposals) and 2.3 GB with two torch threads under a load of 3.3-4.9.
 
     python examples/fine_tune_peptide.py                       # NT, 0.2 ns, 100 steps, 1000 proposals per model
     python examples/fine_tune_peptide.py --ns 1 --steps 300 --samples 32

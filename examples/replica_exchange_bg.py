@@ -19,9 +19,11 @@ this script uses 2, and prints one line per iteration with the time spent.
 
 Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
 training, test suites) shared; the load average is given with each figure:
-- defaults (4 replicas, 50 iterations of 250 MD steps + one TBGMove each, buffer 2): REX_IC
-- ``--model egnn-cnf --iterations 2``: REX_CNF With two torch threads under a load of 4.6-6.3, 4 iterations took
-  11 min (1.0 GB) and their --resume 12 min, 7.5 of them in the first iteration, which refills every buffer.
+- defaults (4 replicas, 50 iterations of 250 MD steps + one TBGMove each, buffer 2): 46 s wall clock (40 s for the
+  iterations), peak memory (maximum resident set) 0.49 GB, load 2.1-2.6; ``--resume`` (50 more) 70 s, 0.49 GB.
+- ``--model egnn-cnf --iterations 2``: 55 s wall clock (40 s in the first iteration, which fills every buffer),
+  0.76 GB, load 1.0-1.3; ``--resume`` 43 s (38 s refilling). With two torch threads under a load of 4.6-6.3,
+  4 iterations took 11 min (1.0 GB) and their --resume 12 min, 7.5 of them in the first iteration.
 """
 
 import argparse
