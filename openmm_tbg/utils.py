@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "default_file_mode", "atomic_write", "file_sha256", "resolve_device", "PLATFORM_PREFERENCE",
     "select_platform", "as_numpy_rng", "torch_generator_from", "spawn_generators", "in_unit", "to_nm",
-    "evenly_spaced", "cpu_model", "device_name", "machine_info", "machine_line",
+    "evenly_spaced", "cpu_model", "device_name", "machine_info", "machine_line", "portable_path",
+    "portable_command",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -265,3 +266,39 @@ def machine_line(info: Optional[dict[str, Any]] = None) -> str:
     i = machine_info() if info is None else info
     return (f"{i['node']}, {i['cpu']}, {i['cpu_count']} cores, {i.get('gpu', 'unknown GPU')}, "
             f"torch {i.get('torch', '?')}, openmm {i.get('openmm', '?')}, {i['date']}")
+
+
+def portable_path(path: Optional[PathLike]) -> Optional[str]:
+    """A path as a published report may cite it: never where it lies on the machine that wrote the report.
+
+    A file of the installed package reads ``openmm_tbg/...``; a path under the current directory is made
+    relative to it; anything else keeps only its last component (a data set's own name, a model file's name).
+    ``None`` stays ``None``.
+    """
+    if path is None:
+        return None
+    p = Path(os.path.abspath(os.fspath(path)))
+    package = Path(os.path.abspath(__file__)).parent
+    for root, prefix in ((package, Path(package.name)), (Path(os.path.abspath(os.getcwd())), Path("."))):
+        try:
+            return (prefix / p.relative_to(root)).as_posix()
+        except ValueError:
+            continue
+    return p.name
+
+
+def portable_command(argv: Sequence[str]) -> str:
+    """A shell-quoted command line with every absolute path argument (also ``--opt=/path``) made portable
+    (:func:`portable_path`), and the program by its name only."""
+    import shlex
+
+    out = []
+    for i, arg in enumerate(argv):
+        if i == 0:
+            out.append(os.path.basename(arg))
+            continue
+        key, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if value.startswith("/"):
+            value = portable_path(value)
+        out.append(shlex.quote(key + eq + value))
+    return " ".join(out)

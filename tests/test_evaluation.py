@@ -1,6 +1,7 @@
 """Tests of openmm_tbg.evaluation: metrics against closed forms and independent solvers, and the pipeline."""
 
 import json
+from pathlib import Path
 
 import mdtraj
 import numpy as np
@@ -415,6 +416,10 @@ def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     # Every proposal is either valid or counted under a rejection reason.
     assert res["n_valid"] + sum(res["rejections"].values()) == 6
     assert "results.md" not in capsys.readouterr().err
+    # A published report never records where its files lay on the machine that wrote it.
+    for name in ("results.md", "results.json"):
+        assert str(tmp_path) not in (out / name).read_text()
+    assert "model**: tiny.pt (sha256" in text and res["figures"]["ramachandran"] == "figures/AA_ramachandran.png"
 
     # Peptides evaluated in separate runs merge into one report whose figure links resolve.
     out2 = tmp_path / "part2"
@@ -427,6 +432,8 @@ def test_evaluate_cli_with_tiny_untrained_model(fixture_dir, tmp_path, capsys):
     assert text.index("| AA |") < text.index("| GP |")
     for link in ("figures/AA_ramachandran.png", "figures/GP_energy.png"):
         assert f"]({link})" in text and (merged / link).stat().st_size > 1000
+    for name in ("results.md", "results.json"):
+        assert str(tmp_path) not in (merged / name).read_text()
     capsys.readouterr()
     # A peptide in two parts is a user error: one line on stderr, exit status 2 (the CLI's contract).
     assert main(["evaluate", "--merge", str(out), str(out), "--out", str(tmp_path / "twice")]) == 2
@@ -441,3 +448,18 @@ def test_evaluate_needs_an_explicit_output_directory(fixture_dir, capsys):
         main(["evaluate", "--data", str(fixture_dir), "--peptides", "AA"])
     assert exit_info.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_portable_paths_name_no_machine_location(tmp_path, monkeypatch):
+    import openmm_tbg
+    from openmm_tbg.utils import portable_command, portable_path
+
+    package = Path(openmm_tbg.__file__).parent
+    assert portable_path(package / "models" / "ic_dipeptides.pt") == "openmm_tbg/models/ic_dipeptides.pt"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "runs" / "m.pt") == "runs/m.pt"
+    assert portable_path("/somewhere/else/data/dipeptides") == "dipeptides"
+    assert portable_path(None) is None
+    command = portable_command(["/usr/bin/openmm-tbg", "evaluate", "--model", "/x/y/m.pt", "--out=/x/out dir",
+                                "--samples", "20"])
+    assert command == "openmm-tbg evaluate --model m.pt '--out=out dir' --samples 20"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -44,7 +42,9 @@ def run_from_cli(args: argparse.Namespace) -> int:
     """Run ``openmm-tbg evaluate``; returns the exit status."""
     from ..sample_command import ode_kwargs
 
-    command_line = " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:])
+    from ..utils import portable_command
+
+    command_line = portable_command(sys.argv)
     if args.merge:
         order = None
         if args.data is not None:

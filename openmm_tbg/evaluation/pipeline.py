@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ..energy import to_kelvin
-from ..utils import evenly_spaced, machine_line, resolve_device
+from ..utils import evenly_spaced, machine_line, portable_path, resolve_device
 from ..weights import kish_ess
 from .autocorrelation import md_independent_samples
 from .metrics import TORUS_W2_MAX_SAMPLES, alpha_l_indicator, energy_w2, md_population, torus_w2, \
@@ -155,7 +155,7 @@ def peptide_metrics(trajectory, samples: PeptideSamples, md: dict[str, Any], *, 
         "setup_s": float(samples.setup_s), "sample_wall_s": float(samples.sample_wall_s),
         "samples_per_s": float(n / samples.sample_wall_s),
         "effective_samples_per_s": float(ess * n / samples.sample_wall_s),
-        "model_path": samples.model_path, "model_sha256": samples.model_sha256, "figures": {},
+        "model_path": portable_path(samples.model_path), "model_sha256": samples.model_sha256, "figures": {},
     }
     return out, {"u_md": u_md, "u_bg": u_bg, "w_bg": w_bg, "phi_bg": phi_bg, "psi_bg": psi_bg}
 
@@ -293,11 +293,11 @@ def evaluate(model, data_dir, split: Optional[str] = "test", n_samples: int = 10
         res = evaluate_peptide(flow, traj, n_samples, seed=seed + i, out_dir=out_dir / "figures", temperature=kelvin,
                                batch_size=batch_size, device=dev, md_energy_frames=md_energy_frames,
                                torus_samples=torus_samples, sampler_options=sampler_options, progress=progress)
-        res["model_path"], res["model_sha256"] = model_path, sha
+        res["model_path"], res["model_sha256"] = portable_path(model_path), sha
         results.append(res)
-    header = {
-        "model": f"{model_path or '(in-memory flow)'}" + (f" (sha256 {sha[:16]}...)" if sha else ""),
-        "data": f"{os.path.abspath(data_dir)}, " + (f"peptides {', '.join(peptides)}" if peptides else
+    header = {  # paths as portable_path cites them: a report never records where the files lay on this machine
+        "model": f"{portable_path(model_path) or '(in-memory flow)'}" + (f" (sha256 {sha[:16]}...)" if sha else ""),
+        "data": f"{portable_path(data_dir)}, " + (f"peptides {', '.join(peptides)}" if peptides else
                                                     f"split {split!r}"),
         "samples per peptide": f"{n_samples} (importance weights; seed {seed})",
         "target": f"amber14-all + implicit/obc1, CutoffNonPeriodic 2 nm, no constraints, {kelvin:g} K",

@@ -147,8 +147,11 @@ def write_results_markdown(results: list[dict], path, *, header: Optional[dict] 
 def write_report(results: list[dict], out_dir: Path, header: dict) -> None:
     """``results.md`` (table, figure links, summary) and ``results.json`` in ``out_dir``."""
     write_results_markdown(results, out_dir / "results.md", header=header)
+    # Figures are stored relative to out_dir (merge_results reads them so), never as this machine's paths.
+    stored = [dict(r, figures={k: os.path.relpath(v, out_dir) for k, v in r.get("figures", {}).items()})
+              for r in results]
     with open(out_dir / "results.json", "w") as fh:
-        json.dump({"header": header, "results": results}, fh, indent=1, default=float)
+        json.dump({"header": header, "results": stored}, fh, indent=1, default=float)
 
 
 def merge_results(part_dirs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike] = "docs", *,
@@ -197,7 +200,9 @@ def merge_results(part_dirs: Sequence[Union[str, os.PathLike]], out_dir: Union[s
             seen[r["name"]] = str(part)
             figures = {}
             for kind, fig in r.get("figures", {}).items():
-                src = Path(fig) if Path(fig).is_absolute() else Path(part) / "figures" / Path(fig).name
+                src = Path(fig) if Path(fig).is_absolute() else Path(part) / fig  # relative to the part
+                if not src.exists():  # files written before figures were stored relative to their directory
+                    src = Path(part) / "figures" / Path(fig).name
                 dst = fig_dir / src.name
                 if src.resolve() != dst.resolve():
                     shutil.copyfile(src, dst)

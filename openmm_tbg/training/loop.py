@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.splits import check_not_test_split
-from ..utils import device_name, machine_info
+from ..utils import device_name, machine_info, portable_command
 from .batching import PeptideBatchSampler, estimate_length_scale, flow_matching_loss, make_generators, \
     make_training_batch
 from .likelihood import ICTrainingData, likelihood_loss
@@ -116,7 +115,8 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
     config.validate()
     out = os.fspath(out)
     check_not_test_split([t.name for t in trajectories], data_dir)
-    command_line = command_line if command_line is not None else shlex.join(sys.argv)
+    # The model file records the command, but not where its files lay on this machine (utils.portable_command).
+    command_line = command_line if command_line is not None else portable_command(sys.argv)
     dist_info, device = setup_distributed(config.device)
     state = None
     if resume and os.path.exists(resume_path(out)):
