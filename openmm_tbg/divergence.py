@@ -27,11 +27,23 @@ integrates x alone (forward passes only, same tolerances) and reports x(t_k) at 
 t_k of [0, 1]; the exact trace is then evaluated only there and ``int div dt ~ sum_k w_k div(x(t_k), t_k)``.
 The trace along a smooth trajectory is a smooth function of t, so the quadrature converges fast in K; the
 error against a tight reference is measured by ``benchmarks/sampling_speed.py``.
+
+Memory budget
+-------------
+The exact trace keeps the field's whole autograd graph alive through its 3N backward passes. For the dense EGNN
+that graph is dominated by ``(items, N, N, H)`` edge tensors, so every evaluated item (a sample at one time; on
+the quadrature path the K x B stacked (node, sample) pairs) costs about `stacked_item_bytes`. The items of one
+divergence evaluation are processed in chunks of `stacked_items_per_chunk` so that one chunk's graph stays within
+``memory_budget_mib`` (default `DEFAULT_MEMORY_BUDGET_MIB`; an `openmm_tbg.flow.ODEOptions` field). Items are
+independent, so chunking changes which items share a batch, not what is computed per item: log q agrees to
+round-off (measured: identical, or a few ulp where the matmul kernels round differently for a different batch
+size; ``tests/test_memory_budget.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -44,7 +56,8 @@ __all__ = ["DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS", "check_
            "check_integration_options", "solve_positions",
            "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
            "divergence_hutchinson", "gauss_legendre", "exact_chunk_size", "hutchinson_noise",
-           "integrate_with_divergence"]
+           "integrate_with_divergence", "DEFAULT_MEMORY_BUDGET_MIB", "check_memory_budget", "stacked_item_bytes",
+           "stacked_items_per_chunk"]
 
 DIVERGENCE_MODES = ("exact", "exact-loop", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
@@ -53,9 +66,19 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_ad
 # Largest number of (B, N, N, H)-sized elements per vectorized backward chunk in "exact" mode (used on CUDA):
 # each vmapped intermediate gradient then stays below ~1 GB in float32; several are alive at once.
 _EXACT_CHUNK_ELEMENTS = 2**28
-# Largest (B, N, N, H) edge tensor, in elements, when the quadrature nodes are stacked into one batch for the
-# divergence (~128 MB in float32; a few such tensors are alive during the backward passes).
-_NODE_BATCH_ELEMENTS = 2**25
+#: Default budget (MiB) of the autograd graph of one chunk of divergence items (see the module notes). On the
+#: 2-core CPU (NY, 5 x 64 EGNN, 16 nodes x 16 samples; docs/performance.md) its 36-item chunks took 379 s and
+#: 1.1 GB peak against 717 s and 4.0 GB for one 256-item chunk (same user time; the big chunk's extra time went
+#: to page faults for its fresh 4 GB of tensors).
+DEFAULT_MEMORY_BUDGET_MIB = 512.0
+# Per EGNN layer the autograd graph keeps 7 (items, N, N, H) tensors (edge-MLP pre-activation, both SiLU inputs
+# and the linear between them, the gated message, the coordinate MLP's hidden pre- and post-activation) plus
+# thinner (N, N, 1..3) and (N, H) ones: 7.4-7.8 full-width equivalents measured for H = 32-128
+# (tests/test_memory_budget.py); about 2 more are alive during a backward pass.
+_EDGE_TENSORS_PER_LAYER = 7.5
+_EDGE_TENSORS_BACKWARD = 2.0
+# Used for a field without an EGNN ``config`` (n_layers, hidden): the shipped CNF's size.
+_DEFAULT_FIELD_SIZE = (5, 64)
 
 
 def check_solver(method: str, atol: float, rtol: float, step_size: float | None, divergence: str) -> dict:
@@ -163,12 +186,78 @@ def check_integration_options(caller: str, n: int, batch_size: int | None, metho
     return options, quadrature_nodes, batch_size
 
 
-def _hidden_width(vector_field: nn.Module) -> int:
-    """Hidden width H of the field's (B, N, N, H) edge tensors (its ``config["hidden"]``; 64 if unknown)."""
+def check_memory_budget(memory_budget_mib: float) -> float:
+    """``memory_budget_mib`` as a positive finite float (MiB); `ValueError` naming an example otherwise."""
+    ok = (not isinstance(memory_budget_mib, bool) and isinstance(memory_budget_mib, (int, float, np.number))
+          and math.isfinite(memory_budget_mib) and memory_budget_mib > 0)
+    if not ok:
+        raise ValueError(
+            f"TransferableFlow: memory_budget_mib must be a positive number of MiB bounding the autograd graph of "
+            f"one chunk of exact-divergence evaluations, e.g. {DEFAULT_MEMORY_BUDGET_MIB:g}; got "
+            f"{memory_budget_mib!r}.")
+    return float(memory_budget_mib)
+
+
+def _field_size(vector_field: nn.Module) -> tuple[int, int]:
+    """(n_layers, hidden) of the field's (items, N, N, H) edge tensors, from its ``config`` (EGNN);
+    `_DEFAULT_FIELD_SIZE` for a field without one."""
     config = getattr(vector_field, "config", None)
-    if isinstance(config, dict) and "hidden" in config:
-        return int(config["hidden"])
-    return 64
+    n_layers, hidden = _DEFAULT_FIELD_SIZE
+    if isinstance(config, dict):
+        n_layers, hidden = int(config.get("n_layers", n_layers)), int(config.get("hidden", hidden))
+    return n_layers, hidden
+
+
+def stacked_item_bytes(n_atoms: int, hidden: int, n_layers: int, itemsize: int) -> int:
+    """Estimated autograd memory (bytes) of one item (one sample at one time) of an exact-divergence batch.
+
+    ``(7.5 n_layers + 2) N^2 H itemsize``: the dense EGNN keeps about 7.5 ``(N, N, H)`` edge tensors per layer for
+    the backward passes (7 full-width ones, plus thin ``(N, N, 1..3)`` and node ``(N, H)`` ones), and about 2
+    more are alive during one (see the module notes). Measured on the NY run of docs/performance.md: 13.2 MiB
+    per item against 13.9 estimated.
+
+    Parameters
+    ----------
+    n_atoms : int
+        Atoms N of the molecule.
+    hidden : int
+        Hidden width H of the EGNN.
+    n_layers : int
+        Equivariant layers of the EGNN.
+    itemsize : int
+        Bytes per element of the field's dtype (4 for float32, 8 for float64).
+
+    Returns
+    -------
+    int
+        Bytes per item.
+    """
+    edge_tensors = _EDGE_TENSORS_PER_LAYER * n_layers + _EDGE_TENSORS_BACKWARD
+    return int(math.ceil(edge_tensors * n_atoms * n_atoms * hidden * itemsize))
+
+
+def stacked_items_per_chunk(n_atoms: int, hidden: int, n_layers: int, itemsize: int,
+                            memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB) -> int:
+    """Items of an exact-divergence batch evaluated together so that their graph fits ``memory_budget_mib``.
+
+    Parameters
+    ----------
+    n_atoms, hidden, n_layers, itemsize : int
+        As for `stacked_item_bytes`.
+    memory_budget_mib : float
+        Budget (MiB, 2**20 bytes) of one chunk's autograd graph.
+
+    Returns
+    -------
+    int
+        ``floor(budget / stacked_item_bytes)``, and at least 1: a single item is the smallest unit the exact
+        divergence can be computed in, so when it alone exceeds the budget it is still computed, over budget
+        (`_AugmentedDynamics` logs a warning naming the budget it needs), rather than refused: a refusal would
+        make exact log q unavailable for a large molecule on a machine that has the memory for one item.
+    """
+    per_item = stacked_item_bytes(n_atoms, hidden, n_layers, itemsize)
+    budget = check_memory_budget(memory_budget_mib) * 2**20
+    return max(1, int(budget // per_item))
 
 
 def exact_chunk_size(vector_field: nn.Module, batch: int, n_atoms: int) -> int:
@@ -179,14 +268,14 @@ def exact_chunk_size(vector_field: nn.Module, batch: int, n_atoms: int) -> int:
     vector_field : torch.nn.Module
         The CNF's vector field (its hidden width sizes the edge tensors).
     batch, n_atoms : int
-        Samples and atoms of the batch whose divergence is computed.
+        Items and atoms of the batch whose divergence is computed.
 
     Returns
     -------
     int
         At least 1; ``_EXACT_CHUNK_ELEMENTS`` elements of (B, N, N, H) edge tensors per chunk.
     """
-    per_coordinate = batch * n_atoms * n_atoms * _hidden_width(vector_field)
+    per_coordinate = batch * n_atoms * n_atoms * _field_size(vector_field)[1]
     return max(1, _EXACT_CHUNK_ELEMENTS // max(1, per_coordinate))
 
 
@@ -323,28 +412,67 @@ def gauss_legendre(n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _AugmentedDynamics:
-    """ODE right-hand side on the augmented state (x, l) with dl/dt = -div v."""
+    """ODE right-hand side on the augmented state (x, l) with dl/dt = -div v.
+
+    ``divergence_at`` evaluates its items in chunks of `stacked_items_per_chunk` (``memory_budget_mib``).
+    """
 
     def __init__(self, vector_field: nn.Module, tokens: torch.Tensor, divergence: str,
-                 noise: torch.Tensor | None, chunk_size: int | None):
+                 noise: torch.Tensor | None, memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB):
         self.vector_field = vector_field
         self.tokens = tokens
         self.divergence = divergence
         self.noise = noise
-        self.chunk_size = chunk_size
+        self.memory_budget_mib = check_memory_budget(memory_budget_mib)
         self.nfe = 0
+        self._warned = False
 
-    def divergence_at(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vector field and its divergence (by the configured mode) at one time."""
+    def items_per_chunk_for(self, x: torch.Tensor) -> int:
+        """Chunk size of `divergence_at` for items shaped like ``x`` ``(M, N, 3)``; warns (once per solve) when a
+        single item exceeds the budget."""
+        n_layers, hidden = _field_size(self.vector_field)
+        n_atoms, itemsize = x.shape[1], x.element_size()
+        per_item = stacked_item_bytes(n_atoms, hidden, n_layers, itemsize)
+        if per_item > self.memory_budget_mib * 2**20 and not self._warned:
+            self._warned = True
+            logger.warning(
+                "One exact-divergence item (%d atoms, %d x %d EGNN, %d-byte floats) needs about %.3g MiB, more "
+                "than memory_budget_mib=%.3g: computing one item at a time, over budget. Raise memory_budget_mib "
+                "to at least %.3g if the machine has the memory, or use a smaller model.", n_atoms, n_layers,
+                hidden, itemsize, per_item / 2**20, self.memory_budget_mib, per_item / 2**20)
+        return stacked_items_per_chunk(n_atoms, hidden, n_layers, itemsize, self.memory_budget_mib)
+
+    def divergence_at(self, t: torch.Tensor | float, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vector field and its divergence (by the configured mode) at ``(M, N, 3)`` items ``x``.
+
+        ``t`` is a scalar or ``(M,)``; ``self.noise`` (Hutchinson) is ``(M, N, 3)``. The items are independent, so
+        they are evaluated in chunks whose autograd graph fits the memory budget.
+        """
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        # Computed once per field evaluation, not once per solver run: cheap, and x's size may change.
+        per_chunk = self.items_per_chunk_for(x)
+        vs, divs = [], []
+        for start in range(0, x.shape[0], per_chunk):
+            items = slice(start, start + per_chunk)
+            noise = None if self.noise is None else self.noise[items]
+            v, div = self._divergence_of_chunk(t if t.dim() == 0 else t[items], x[items], noise)
+            vs.append(v)
+            divs.append(div)
+        if len(vs) == 1:
+            return vs[0], divs[0]
+        return torch.cat(vs), torch.cat(divs)
+
+    def _divergence_of_chunk(self, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             v = self.vector_field(t, x, self.tokens)
             if self.divergence == "exact":
-                div = divergence_exact(v, x, self.chunk_size)
+                div = divergence_exact(v, x, exact_chunk_size(self.vector_field, x.shape[0], x.shape[1]))
             elif self.divergence == "exact-loop":
                 div = divergence_exact_loop(v, x)
             else:
-                div = divergence_hutchinson(v, x, self.noise)
+                div = divergence_hutchinson(v, x, noise)
         return v.detach(), div.detach()
 
     def __call__(self, t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
@@ -380,7 +508,9 @@ def hutchinson_noise(x0: torch.Tensor, generator: torch.Generator | None,
 def integrate_with_divergence(vector_field: nn.Module, x0: torch.Tensor, tokens: torch.Tensor, t0: float,
                               t1: float, *, method: str, atol: float, rtol: float, options: dict,
                               divergence: str, noise: torch.Tensor | None = None,
-                              quadrature_nodes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                              quadrature_nodes: int | None = None,
+                              memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
+                              ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Integrate positions from ``t0`` to ``t1`` together with the change of their log density.
 
     Parameters
@@ -404,6 +534,9 @@ def integrate_with_divergence(vector_field: nn.Module, x0: torch.Tensor, tokens:
     quadrature_nodes : int, optional
         None: the divergence is integrated by the solver at every stage. K: the solver integrates x alone and
         the divergence is evaluated at K Gauss-Legendre nodes (see the module notes).
+    memory_budget_mib : float
+        Budget (MiB) of the autograd graph of one chunk of divergence items (`stacked_items_per_chunk`); chunking
+        does not change the result (see the module notes).
 
     Returns
     -------
@@ -417,8 +550,7 @@ def integrate_with_divergence(vector_field: nn.Module, x0: torch.Tensor, tokens:
     """
     from torchdiffeq import odeint
 
-    func = _AugmentedDynamics(vector_field, tokens, divergence, noise,
-                              exact_chunk_size(vector_field, x0.shape[0], x0.shape[1]))
+    func = _AugmentedDynamics(vector_field, tokens, divergence, noise, memory_budget_mib)
     if quadrature_nodes is None:
         l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
         times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
@@ -438,22 +570,17 @@ def _node_integral(func: _AugmentedDynamics, xs: torch.Tensor, times: torch.Tens
                    noise: torch.Tensor | None) -> torch.Tensor:
     """``sum_k w_k div(x(t_k), t_k)`` (float64, ``(B,)``) from the solver's states at ``[t0, *nodes, t1]``.
 
-    The node states are independent, so their divergences are computed as one stacked batch (chunked by
-    memory, `_NODE_BATCH_ELEMENTS`): one set of 3N backward passes serves several nodes instead of one each.
+    The K x B (node, sample) items are independent, so their divergences are computed as one stacked batch, which
+    `_AugmentedDynamics.divergence_at` splits into chunks that fit the memory budget: one set of 3N backward
+    passes serves many items instead of one node each. The weighted sum over nodes runs once, over all of them,
+    so its rounding does not depend on the chunking either.
     """
     n_nodes = len(weights)
     B, N = xs.shape[1:3]
-    per_node = B * N * N * _hidden_width(func.vector_field)
-    nodes_per_chunk = max(1, _NODE_BATCH_ELEMENTS // max(1, per_node))
+    x_items = xs[1:n_nodes + 1].reshape(n_nodes * B, N, 3)  # node-major: item k * B + b
+    t_items = times[1:n_nodes + 1].repeat_interleave(B)
+    if noise is not None:
+        func.noise = noise.repeat(n_nodes, 1, 1)
+    _, div = func.divergence_at(t_items, x_items)
     w = torch.as_tensor(weights, dtype=torch.float64, device=xs.device)
-    integral = torch.zeros(B, dtype=torch.float64, device=xs.device)
-    for start in range(0, n_nodes, nodes_per_chunk):
-        stop = min(start + nodes_per_chunk, n_nodes)
-        k = stop - start
-        x_nodes = xs[start + 1:stop + 1].reshape(k * B, N, 3)
-        t_nodes = times[start + 1:stop + 1].repeat_interleave(B)
-        if noise is not None:
-            func.noise = noise.repeat(k, 1, 1)
-        _, div = func.divergence_at(t_nodes, x_nodes)
-        integral = integral + (w[start:stop, None] * div.double().reshape(k, B)).sum(0)
-    return integral
+    return (w[:, None] * div.double().reshape(n_nodes, B)).sum(0)

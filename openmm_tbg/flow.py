@@ -15,8 +15,9 @@ Divergence
 ``divergence`` is ``"exact"`` (default), ``"exact-loop"`` (TBG's baseline) or ``"hutchinson"`` (a stochastic
 estimate whose noise biases importance weights and ESS; opt-in, never for reported estimates). With
 ``quadrature_nodes=K`` the solver integrates positions alone and the exact trace is evaluated only at K
-Gauss-Legendre nodes in t. Both are implemented, and explained, in `openmm_tbg.divergence`; its public names
-are re-exported here.
+Gauss-Legendre nodes in t. The exact trace's autograd graph is evaluated in chunks of items that fit
+``memory_budget_mib`` (default 512 MiB; chunking does not change log q). All of this is implemented, and explained,
+in `openmm_tbg.divergence`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .divergence import (ADAPTIVE_METHODS, DIVERGENCE_MODES, FIXED_STEP_METHODS, _AugmentedDynamics,
-                         check_integration_options, check_quadrature, check_solver, divergence_exact,
-                         divergence_exact_batched, divergence_exact_loop, divergence_hutchinson, exact_chunk_size,
-                         gauss_legendre, hutchinson_noise, integrate_with_divergence, solve_positions)
+from .divergence import (ADAPTIVE_METHODS, DEFAULT_MEMORY_BUDGET_MIB, DIVERGENCE_MODES, FIXED_STEP_METHODS,
+                         _AugmentedDynamics, check_integration_options, check_memory_budget, check_quadrature,
+                         check_solver, divergence_exact, divergence_exact_batched, divergence_exact_loop,
+                         divergence_hutchinson, gauss_legendre, hutchinson_noise, integrate_with_divergence,
+                         solve_positions)
 
 logger = logging.getLogger(__name__)
 
 # The divergence names are re-exported from `openmm_tbg.divergence`, where they live.
-__all__ = ["TransferableFlow", "ODEOptions", "DEFAULT_QUADRATURE_NODES", "default_tolerance", "divergence_exact",
-           "divergence_exact_loop", "divergence_exact_batched", "divergence_hutchinson", "gauss_legendre",
-           "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
+__all__ = ["TransferableFlow", "ODEOptions", "DEFAULT_QUADRATURE_NODES", "DEFAULT_MEMORY_BUDGET_MIB",
+           "default_tolerance", "divergence_exact", "divergence_exact_loop", "divergence_exact_batched",
+           "divergence_hutchinson", "gauss_legendre", "DIVERGENCE_MODES", "ADAPTIVE_METHODS", "FIXED_STEP_METHODS"]
 
 #: Default Gauss-Legendre node count of the exact-divergence quadrature used by the sampler and TBGMove
 #: (``None``: the divergence is integrated at every solver stage, as in TBG). Chosen from the accuracy
@@ -62,8 +64,10 @@ def default_tolerance(quadrature_nodes: Optional[int]) -> float:
 class ODEOptions:
     """Integration options of the CNF's `TransferableFlow.sample` / ``log_prob``, with the sampler's defaults.
 
-    ``atol``/``rtol`` None resolve to `default_tolerance` of ``quadrature_nodes``. The one place these
-    defaults live; `BoltzmannGeneratorSampler`, `TBGMove` and the CLI all go through it.
+    ``atol``/``rtol`` None resolve to `default_tolerance` of ``quadrature_nodes``. ``memory_budget_mib`` (MiB)
+    bounds the autograd graph of one chunk of exact-divergence evaluations; it trades memory for speed and does
+    not change log q (`openmm_tbg.divergence`, "Memory budget"). The one place these defaults live;
+    `BoltzmannGeneratorSampler`, `TBGMove` and the CLI all go through it.
     """
 
     method: str = "dopri5"
@@ -72,13 +76,15 @@ class ODEOptions:
     step_size: Optional[float] = None
     divergence: str = "exact"
     quadrature_nodes: Optional[int] = DEFAULT_QUADRATURE_NODES
+    memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
 
     def resolved(self) -> dict:
         """Keyword arguments of `TransferableFlow.sample` / ``log_prob`` (tolerances filled in)."""
         tol = default_tolerance(self.quadrature_nodes)
         return {"method": self.method, "atol": float(tol if self.atol is None else self.atol),
                 "rtol": float(tol if self.rtol is None else self.rtol), "step_size": self.step_size,
-                "divergence": self.divergence, "quadrature_nodes": self.quadrature_nodes}
+                "divergence": self.divergence, "quadrature_nodes": self.quadrature_nodes,
+                "memory_budget_mib": self.memory_budget_mib}
 
 
 class TransferableFlow(nn.Module):
@@ -235,6 +241,7 @@ class TransferableFlow(nn.Module):
             raise ValueError(f"TransferableFlow: unknown sampling options {unknown}; the CNF takes "
                              f"{sorted(ODEOptions.__dataclass_fields__)}.")
         resolved = ODEOptions(**options).resolved()
+        resolved["memory_budget_mib"] = check_memory_budget(resolved["memory_budget_mib"])
         self._check_solver(resolved["method"], resolved["atol"], resolved["rtol"], resolved["step_size"],
                            resolved["divergence"])
         self._check_quadrature(resolved["quadrature_nodes"])
@@ -274,14 +281,13 @@ class TransferableFlow(nn.Module):
         return solve_positions(self.vector_field, x0, tokens, t, method=method, atol=atol, rtol=rtol,
                                options=options)
 
-    def divergence(self, t: torch.Tensor, x: torch.Tensor, tokens: Any, mode: str = "exact"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def divergence(self, t: torch.Tensor, x: torch.Tensor, tokens: Any, mode: str = "exact",
+                   memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB) -> tuple[torch.Tensor, torch.Tensor]:
         """Vector field and its exact divergence at ``(t, x)`` (internal units; ``mode`` "exact" or
-        "exact-loop")."""
+        "exact-loop"; ``memory_budget_mib`` as in `sample`)."""
         if mode not in ("exact", "exact-loop"):
             raise ValueError(f"TransferableFlow.divergence: mode must be 'exact' or 'exact-loop', got {mode!r}.")
-        func = _AugmentedDynamics(self.vector_field, self._as_tokens(tokens), mode, None,
-                                  exact_chunk_size(self.vector_field, x.shape[0], x.shape[1]))
+        func = _AugmentedDynamics(self.vector_field, self._as_tokens(tokens), mode, None, memory_budget_mib)
         return func.divergence_at(t, x)
 
     # ------------------------------------------------------------------ helpers
@@ -309,13 +315,13 @@ class TransferableFlow(nn.Module):
 
     def _integrate(self, x0: torch.Tensor, tokens: torch.Tensor, t0: float, t1: float, method: str,
                    atol: float, rtol: float, options: dict, divergence: str,
-                   generator: torch.Generator | None,
-                   quadrature_nodes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   generator: torch.Generator | None, quadrature_nodes: int | None = None,
+                   memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Integrate from t0 to t1; returns (x(t1), -int_{t0}^{t1} div dt, function evaluations)."""
         noise = hutchinson_noise(x0, generator, self.device) if divergence == "hutchinson" else None
         return integrate_with_divergence(self.vector_field, x0, tokens, t0, t1, method=method, atol=atol,
                                          rtol=rtol, options=options, divergence=divergence, noise=noise,
-                                         quadrature_nodes=quadrature_nodes)
+                                         quadrature_nodes=quadrature_nodes, memory_budget_mib=memory_budget_mib)
 
     @staticmethod
     def _generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -342,6 +348,7 @@ class TransferableFlow(nn.Module):
         step_size: float | None = None,
         divergence: str = "exact",
         quadrature_nodes: int | None = None,
+        memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB,
         progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw configurations and their exact log density.
@@ -371,6 +378,11 @@ class TransferableFlow(nn.Module):
             None (default): the divergence is integrated by the solver at every stage (TBG). K: the solver
             integrates positions only and the divergence is evaluated at K Gauss-Legendre nodes in t (much
             cheaper; see the module notes and ``benchmarks/sampling_speed.py`` for its accuracy).
+        memory_budget_mib : float
+            Budget (MiB) of the autograd graph of one chunk of exact-divergence evaluations (default 512). The
+            K x batch (node, sample) items, or the batch at each solver stage without quadrature nodes, are
+            evaluated in chunks that fit it: smaller means less memory, and chunks of very few items cost more
+            time per item (docs/performance.md). Does not change log q.
         progress : bool
             Show a tqdm bar over batches.
 
@@ -389,6 +401,7 @@ class TransferableFlow(nn.Module):
         n = int(n)
         options, quadrature_nodes, batch_size = check_integration_options(
             "sample", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
+        memory_budget_mib = check_memory_budget(memory_budget_mib)
         generator = self._generator(generator)
         n_atoms = tokens.shape[0]
         log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
@@ -398,7 +411,7 @@ class TransferableFlow(nn.Module):
             m = min(batch_size, n - b * batch_size)
             z = self.sample_prior(m, n_atoms, generator)
             x1, l1, k = self._integrate(z, tokens, 0.0, 1.0, method, atol, rtol, options, divergence, generator,
-                                        quadrature_nodes)
+                                        quadrature_nodes, memory_budget_mib)
             log_q = self.prior_log_prob(z) + l1.double() - log_scale
             x1 = x1 - x1.mean(1, keepdim=True)
             xs.append((x1 * self.length_scale).cpu())
@@ -421,6 +434,7 @@ class TransferableFlow(nn.Module):
         step_size: float | None = None,
         divergence: str = "exact",
         quadrature_nodes: int | None = None,
+        memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
@@ -432,7 +446,7 @@ class TransferableFlow(nn.Module):
             ``(n, n_atoms, 3)`` positions in nm; centred (plain mean) before evaluation.
         tokens : array-like or AtomEncoding
             ``(n_atoms, 3)`` integer tokens.
-        batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes, progress
+        batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes, memory_budget_mib, progress
             As in :meth:`sample`.
         generator : torch.Generator or int, optional
             RNG for the Hutchinson noise (ignored by the exact modes).
@@ -449,6 +463,7 @@ class TransferableFlow(nn.Module):
         n = x.shape[0]
         options, quadrature_nodes, batch_size = check_integration_options(
             "log_prob", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
+        memory_budget_mib = check_memory_budget(memory_budget_mib)
         if divergence == "hutchinson":
             generator = self._generator(generator)
         n_atoms = tokens.shape[0]
@@ -460,7 +475,7 @@ class TransferableFlow(nn.Module):
             x1 = x1 - x1.mean(1, keepdim=True)
             x1 = x1 / self.length_scale
             z, l0, k = self._integrate(x1, tokens, 1.0, 0.0, method, atol, rtol, options, divergence, generator,
-                                       quadrature_nodes)
+                                       quadrature_nodes, memory_budget_mib)
             out.append((self.prior_log_prob(z) - l0.double() - log_scale).cpu())
             nfe.append(k)
         self.last_stats = {"nfe": nfe, "n_batches": n_batches, "method": method, "divergence": divergence,

@@ -74,7 +74,7 @@ class TBGMove(mcmc.MCMCMove):
         Seeds the flow's prior and the acceptance test; None draws fresh entropy.
     device : str
         Torch device for a model given by path (``"auto"``: CUDA when available).
-    ode_method, atol, rtol, step_size, divergence, quadrature_nodes
+    ode_method, atol, rtol, step_size, divergence, quadrature_nodes, memory_budget_mib
         CNF integration options (ignored when a sampler is given: its options are used); None / "default":
         the family's defaults, as in `BoltzmannGeneratorSampler`. One-pass families refuse them.
     check_bonds, check_chirality, bond_factor
@@ -89,16 +89,21 @@ class TBGMove(mcmc.MCMCMove):
     Notes
     -----
     Storing the move (``MultiStateReporter``) keeps only the checkpoint path and its sha256, the encoding, the
-    bonds, the options and the statistics. Restoring reloads the model from the path and refuses a file whose
-    sha256 differs. A model that exists only in memory cannot be stored: save it with
+    bonds, the options, the statistics and a random stream of its own. Restoring reloads the model from the path
+    and refuses a file whose sha256 differs. A model that exists only in memory cannot be stored: save it with
     ``openmm_tbg.save_model`` and pass the path.
+
+    Random streams: every copy (``copy.deepcopy``; ``ReplicaExchangeSampler`` makes one per thermodynamic state)
+    and every stored state (``__getstate__``, which openmmtools' ``SequenceMove`` also uses to deep-copy its
+    moves) gets a fresh child of this move's ``numpy.random.SeedSequence``, so replicas never share proposals, and
+    restoring the same stored state twice gives the same continuation.
     """
 
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
                  buffer_size: int = 64, seed: Optional[int] = None, device="auto",
                  ode_method: Optional[str] = None, atol: Optional[float] = None, rtol: Optional[float] = None,
                  step_size: Optional[float] = None, divergence: Optional[str] = None,
-                 quadrature_nodes: Union[int, None, str] = "default",
+                 quadrature_nodes: Union[int, None, str] = "default", memory_budget_mib: Optional[float] = None,
                  check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3):
         super().__init__()
         from .encoding import encode_topology
@@ -125,8 +130,8 @@ class TBGMove(mcmc.MCMCMove):
             flow, path, sha = resolve_model(sampler_or_model, resolve_device(device))
             flow.check_supported(encoding)  # refuse here, not inside the first apply()
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
-            ode = flow.sampling_options(
-                **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes))
+            ode = flow.sampling_options(**given_flow_options(ode_method, atol, rtol, step_size, divergence,
+                                                             quadrature_nodes, memory_budget_mib))
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                         "bond_factor": float(bond_factor)}
         seed_seq = np.random.SeedSequence(seed)
@@ -287,12 +292,18 @@ class TBGMove(mcmc.MCMCMove):
         return new
 
     def __getstate__(self) -> dict:
-        """YAML-safe state: checkpoint path + sha256, encoding, bonds, options, statistics (plain types)."""
+        """YAML-safe state: checkpoint path + sha256, encoding, bonds, options, statistics (plain types), and the
+        seed of a random stream of its own.
+
+        Each call spawns a new child of the move's seed sequence for the state (the move's own generators are
+        untouched): openmmtools' ``SequenceMove`` deep-copies its moves through ``__getstate__``/``__setstate__``,
+        one copy per replica, and those copies must not share a stream.
+        """
         if self.model_path is None or self.model_sha256 is None:
             raise ValueError("This TBGMove's model exists only in memory, so the move cannot be stored (e.g. by "
                              "MultiStateReporter). Save the model with openmm_tbg.save_model(flow, path) and "
                              "build the move (or its sampler) from that path.")
-        entropy = self._seed_seq.entropy
+        stream = self._seed_seq.spawn(1)[0]
         return {
             "model_path": str(self.model_path),
             "model_sha256": str(self.model_sha256),
@@ -303,8 +314,8 @@ class TBGMove(mcmc.MCMCMove):
             "validity_options": dict(self.validity_options),
             "n_attempts": int(self.n_attempts),
             "buffer_size": int(self.buffer_size),
-            "seed": str(entropy),  # a str: the entropy can exceed 64 bits
-            "spawn_key": [int(k) for k in self._seed_seq.spawn_key],
+            "seed": str(stream.entropy),  # a str: the entropy can exceed 64 bits
+            "spawn_key": [int(k) for k in stream.spawn_key],
             "statistics": self.statistics,
         }
 
@@ -321,7 +332,8 @@ class TBGMove(mcmc.MCMCMove):
         device = self._restore_device(state.get("device", "auto"))
         flow = _cached_model(path, sha, device)
         stats = state.get("statistics", {})
-        # Continue with a different stream than before (mix in how far the chain has gone).
+        # The stored key is a child spawned for this state alone. Mixing in how far the chain had gone also keeps
+        # states stored before that (whose key was the live move's own) from replaying the stream they had used.
         seed_seq = np.random.SeedSequence(int(state["seed"]), spawn_key=tuple(state.get("spawn_key", ())) +
                                           (int(stats.get("n_proposed", 0)),))
         self._init(flow, path, sha, encoding_from_dict(state["encoding"]), state["bonds"],

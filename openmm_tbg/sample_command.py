@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import resolve_model
-from .flow import DEFAULT_QUADRATURE_NODES
+from .flow import DEFAULT_MEMORY_BUDGET_MIB, DEFAULT_QUADRATURE_NODES
 from .sampler import METHODS, BoltzmannGeneratorSampler
 from .utils import resolve_device
 
@@ -36,9 +36,9 @@ __all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "ode_kwargs"
 #: Default number of proposals: seconds with the default internal-coordinate model on one CPU core (1000 AA
 #: samples: 8.5 s in all); with the CNF (``--model egnn-cnf``) hours, so pass a smaller --samples there.
 DEFAULT_SAMPLES = 1000
-#: Default batch by model family. The CNF's exact likelihoods keep an autograd graph of about 16 quadrature nodes
-#: x batch x 5 MiB (AA) to 13 MiB (NY) alive at once (16 NY proposals in one batch peaked at 4.1 GB), and its
-#: progress bar moves once per batch of minutes; one-pass families need neither.
+#: Default batch by model family. The CNF's progress bar moves once per batch of minutes (its memory no longer
+#: grows with the batch: the exact likelihoods' autograd graph is chunked to --memory-budget-mib); one-pass
+#: families take large batches.
 DEFAULT_BATCH_SIZE = {"egnn-cnf": 8}
 DEFAULT_BATCH_SIZE_ONE_PASS = 256
 
@@ -60,8 +60,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"proposals drawn together (default {DEFAULT_BATCH_SIZE['egnn-cnf']} for the CNF, "
                              f"{DEFAULT_BATCH_SIZE_ONE_PASS} otherwise); the progress bar moves once per batch. "
-                             "The CNF's memory grows with it: its exact likelihoods keep about 16 x batch x 5 MiB "
-                             "(AA) to 13 MiB (NY) of autograd tensors alive at once")
+                             "The CNF's exact likelihoods evaluate 16 x batch items of about 5 MiB (AA) to 14 MiB "
+                             "(NY) of autograd tensors each, in chunks that fit --memory-budget-mib")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed (default: drawn at random, printed and recorded in "
                              "OUT_valid_weights.npz, so that --seed repeats the run)")
@@ -90,12 +90,16 @@ def add_ode_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quadrature-nodes", type=int, default=DEFAULT_QUADRATURE_NODES or 0,
                        help="exact divergence at K Gauss-Legendre nodes; 0 = at every solver stage "
                             f"(default {DEFAULT_QUADRATURE_NODES or 0})")
+    group.add_argument("--memory-budget-mib", type=float, default=None,
+                       help="MiB bound on the autograd graph of one chunk of exact-divergence evaluations "
+                            f"(default {DEFAULT_MEMORY_BUDGET_MIB:g}); smaller: less memory, and more time once "
+                            "chunks hold only a few items; log q does not change")
 
 
 def ode_kwargs(args: argparse.Namespace) -> dict:
     """`BoltzmannGeneratorSampler` keyword arguments from :func:`add_ode_arguments` options."""
     return {"ode_method": args.ode_method, "atol": args.atol, "rtol": args.rtol, "step_size": args.step_size,
-            "quadrature_nodes": args.quadrature_nodes or None}
+            "quadrature_nodes": args.quadrature_nodes or None, "memory_budget_mib": args.memory_budget_mib}
 
 
 def output_paths(output: str) -> dict[str, str]:

@@ -37,11 +37,12 @@ METHODS = ("importance", "metropolis", "none")
 
 def given_flow_options(ode_method: Optional[str] = None, atol: Optional[float] = None,
                        rtol: Optional[float] = None, step_size: Optional[float] = None,
-                       divergence: Optional[str] = None, quadrature_nodes: Union[int, None, str] = "default"
-                       ) -> dict:
+                       divergence: Optional[str] = None, quadrature_nodes: Union[int, None, str] = "default",
+                       memory_budget_mib: Optional[float] = None) -> dict:
     """The ODE options a caller actually gave (None / ``"default"`` = not given), for `Flow.sampling_options`."""
     given = {k: v for k, v in (("method", ode_method), ("atol", atol), ("rtol", rtol), ("step_size", step_size),
-                               ("divergence", divergence)) if v is not None}
+                               ("divergence", divergence), ("memory_budget_mib", memory_budget_mib))
+             if v is not None}
     if not (isinstance(quadrature_nodes, str) and quadrature_nodes == "default"):
         given["quadrature_nodes"] = quadrature_nodes
     return given
@@ -89,6 +90,9 @@ class BoltzmannGeneratorSampler:
         CNF only: exact divergence at this many Gauss-Legendre nodes in t instead of at every solver stage
         (fast path, see `TransferableFlow.sample`); None integrates it with the solver (TBG's way);
         ``"default"``: the family default (16).
+    memory_budget_mib : float, optional
+        CNF only: MiB bound on the autograd graph of one chunk of exact-divergence evaluations (None: 512; see
+        `openmm_tbg.flow.ODEOptions`). Trades memory for speed; log q does not change.
     platform, n_workers
         OpenMM platform and energy workers (see `ReducedPotential`).
     check_bonds, check_chirality : bool
@@ -109,7 +113,7 @@ class BoltzmannGeneratorSampler:
                  positions=None, ode_method: Optional[str] = None, atol: Optional[float] = None,
                  rtol: Optional[float] = None, step_size: Optional[float] = None,
                  divergence: Optional[str] = None, quadrature_nodes: Union[int, None, str] = "default",
-                 platform=None,
+                 memory_budget_mib: Optional[float] = None, platform=None,
                  n_workers: Optional[int] = None, check_bonds: bool = True, check_chirality: bool = True,
                  bond_factor: float = 1.3):
         import torch
@@ -145,7 +149,8 @@ class BoltzmannGeneratorSampler:
         bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
         self.context = self.flow.condition(encoding, bonds)
         self.flow_options = self.flow.sampling_options(
-            **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes))
+            **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes,
+                                 memory_budget_mib))
         self.validity_options = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                                  "bond_factor": float(bond_factor)}
         self.checker = ValidityChecker(topology, encoding, reference_positions=positions,

@@ -243,3 +243,57 @@ def test_nan_state_is_refused_before_openmm_sees_it(toy):
     with pytest.raises(ValueError, match="NaN or infinite coordinates.*smaller MD timestep"):
         move.apply(thermo, state)
     assert move.statistics["n_proposed"] == 0
+
+
+def test_copies_and_restored_replicas_have_independent_reproducible_streams(toy, saved_egnn_toy, tmp_path):
+    """Replicas must not share a random stream. Copies by deepcopy, by SequenceMove's deepcopy (which goes
+    through __getstate__/__setstate__: the per-state copies of ReplicaExchangeSampler) and by storing and
+    restoring each propose different configurations, in a real ReplicaExchangeSampler before and after
+    from_storage too; restoring the same stored state twice repeats its proposals exactly."""
+    system, topology, encoding, _ = toy
+    fast = dict(ode_method="euler", step_size=0.5, quadrature_nodes=2)
+    move = TBGMove(saved_egnn_toy, topology, encoding, seed=6, device="cpu", check_bonds=False, buffer_size=2,
+                   **fast)
+
+    def proposals(moves):
+        """The next flow proposal (nm) of every move, and its next acceptance-test uniform."""
+        return [(m._next_proposal()[0], m._rng.random()) for m in moves]
+
+    def assert_pairwise_different(draws):
+        for i in range(len(draws)):
+            for j in range(i):
+                assert not np.allclose(draws[i][0], draws[j][0]) and draws[i][1] != draws[j][1], (i, j)
+
+    def stored(m):
+        return yaml.safe_load(yaml.safe_dump(utils.serialize(m)))  # what MultiStateReporter keeps
+
+    assert_pairwise_different(proposals([copy.deepcopy(move) for _ in range(3)]))
+    assert_pairwise_different(proposals([copy.deepcopy(mcmc.SequenceMove([move])).move_list[0]
+                                         for _ in range(3)]))
+    assert_pairwise_different(proposals([utils.deserialize(stored(move)) for _ in range(3)] + [move]))
+    state = stored(move)
+    again = proposals([utils.deserialize(copy.deepcopy(state)) for _ in range(2)])
+    np.testing.assert_array_equal(again[0][0], again[1][0])
+    assert again[0][1] == again[1][1]
+
+    # The report's case: one SequenceMove for all replicas, stored and restored by the sampler itself.
+    langevin = mcmc.LangevinDynamicsMove(timestep=1.0 * unit.femtosecond, n_steps=1)
+    thermo = [states.ThermodynamicState(system, t * unit.kelvin) for t in (T, 350.0, 400.0)]
+    start = states.SamplerState(exact_sample(np.random.default_rng(4)) * unit.nanometer)
+    storage = str(tmp_path / "re.nc")
+    repex = multistate.ReplicaExchangeSampler(mcmc_moves=mcmc.SequenceMove([langevin, move]),
+                                              number_of_iterations=1)
+    repex.create(thermodynamic_states=thermo, sampler_states=[start], storage=multistate.MultiStateReporter(
+        storage, checkpoint_interval=1))
+    repex.run()
+    assert_pairwise_different(proposals([m.move_list[1] for m in repex._mcmc_moves]))
+    repex._reporter.close()
+    resumed = []
+    for _ in range(2):
+        restored = multistate.ReplicaExchangeSampler.from_storage(multistate.MultiStateReporter(storage))
+        resumed.append(proposals([m.move_list[1] for m in restored._mcmc_moves]))
+        restored._reporter.close()
+    assert_pairwise_different(resumed[0])
+    for (x0, u0), (x1, u1) in zip(*resumed):  # the same storage continues the same way
+        np.testing.assert_array_equal(x0, x1)
+        assert u0 == u1
