@@ -1,8 +1,10 @@
 """Fine-tune the shipped transferable model on short MD of your own peptide, and compare the two.
 
 1. ``openmm_tbg.data.simulate`` runs short MD of the peptide under the target Hamiltonian;
-2. ``openmm_tbg.training.train(..., init_from=<shipped model>)`` continues flow matching on those frames
-   (the architecture and length scale come from the shipped model; the optimiser starts fresh);
+2. ``openmm_tbg.training.train(..., init_from=<shipped model>)`` continues training on those frames with the
+   starting model's own objective: maximum likelihood for the internal-coordinate flow (the default), flow
+   matching for the EGNN CNF (the architecture, whitening or length scale come from the starting model; the
+   optimiser starts fresh);
 3. the shipped and the fine-tuned model each draw the same number of proposals with exact importance weights,
    and the script prints valid fraction, rejections and Kish ESS side by side.
 

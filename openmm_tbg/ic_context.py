@@ -19,14 +19,20 @@ from .twins import twin_swaps
 from .zmatrix import ZMatrix, build_zmatrix
 
 __all__ = ["ICContext", "build_context", "collate_contexts", "whiten", "unwhiten", "base_log_prob",
-           "NONE", "NORMAL", "WRAPPED_NORMAL", "UNIFORM", "HALF"]
+           "NONE", "NORMAL", "WRAPPED_NORMAL", "UNIFORM", "HALF", "CIRCLE", "NARROW_DIHEDRALS"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 # Base kinds per coordinate. HALF: a twin group's sense dihedral, bounded to a half circle (`openmm_tbg.twins`)
-# by z = (atanh(2 (phi - centre) / pi) - offset) / width with a standard normal base.
-NONE, NORMAL, WRAPPED_NORMAL, UNIFORM, HALF = 0, 1, 2, 3, 4
+# by z = (atanh(2 (phi - centre) / pi) - offset) / width with a standard normal base. CIRCLE: a narrow dihedral
+# on the whole circle by z = (atanh((phi - centre) / pi) - offset) / width (a bijection from the circle less the
+# point opposite the centre onto the real line), so that the splines of [-bound, bound] resolve its width
+# instead of a circular spline of [-pi, pi].
+NONE, NORMAL, WRAPPED_NORMAL, UNIFORM, HALF, CIRCLE = 0, 1, 2, 3, 4, 5
+#: How narrow dihedrals (circular std below `UNIFORM_ABOVE`) are whitened: "wrapped" (a wrapped-normal base on
+#: the circle, the first shipped model's way) or "atanh" (CIRCLE).
+NARROW_DIHEDRALS = ("wrapped", "atanh")
 
 
 @dataclass
@@ -88,18 +94,27 @@ def _graph_distances(n: int, bonds: Sequence[tuple[int, int]]) -> np.ndarray:
     return np.where(np.isfinite(d), d, 99).astype(np.int64)
 
 
-def _half_whitening(mu: float, sigma: float, centre: float) -> tuple[float, float]:
-    """``(offset, width)`` in atanh space of a HALF entry whose canonical data have circular mean ``mu`` and
-    standard deviation ``sigma`` (rad): the linearised image of N(mu, sigma)."""
-    s = float(np.clip(2 / math.pi * (math.remainder(mu - centre, 2 * math.pi)), -0.95, 0.95))
-    return math.atanh(s), float(np.clip(sigma * (2 / math.pi) / (1 - s * s), 1e-3, 3.0))
+def _atanh_whitening(mu: float, sigma: float, centre: float, factor: float) -> tuple[float, float]:
+    """``(offset, width)`` in atanh space of a HALF (``factor`` 2/pi) or CIRCLE (1/pi) entry whose data have
+    circular mean ``mu`` and standard deviation ``sigma`` (rad): the linearised image of N(mu, sigma)."""
+    s = float(np.clip(factor * (math.remainder(mu - centre, 2 * math.pi)), -0.95, 0.95))
+    # Width at most 1: |offset| + 5 widths stays below ~7, where tanh is still 1e-6 from +-1, so no draw lands
+    # on the boundary of its interval within round-off (training data give widths below 0.1; only keys without
+    # statistics, in toy systems, were broader).
+    return math.atanh(s), float(np.clip(sigma * factor / (1 - s * s), 1e-3, 1.0))
+
+
+def _atanh_factor(base: torch.Tensor) -> torch.Tensor:
+    """``s = factor * (phi - centre)`` maps a HALF entry's half circle, or a CIRCLE entry's circle, onto (-1, 1)."""
+    half = torch.full(base.shape, 2 / math.pi, dtype=torch.float64, device=base.device)  # float64 throughout:
+    return torch.where(base == HALF, half, half / 2)  # a float32 2/pi put HALF draws ~1e-7 outside their interval
 
 
 def base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """Per-entry log density of the factorised base (0 where ``base == NONE``)."""
     z, width = z.double(), width.double()
     normal = -0.5 * z * z - 0.5 * _LOG_2PI
-    base = torch.where(base == HALF, torch.full_like(base, NORMAL), base)
+    base = torch.where((base == HALF) | (base == CIRCLE), torch.full_like(base, NORMAL), base)
     k = torch.arange(-3, 4, dtype=z.dtype, device=z.device) * (2 * math.pi)
     s = torch.where(base == WRAPPED_NORMAL, width, torch.ones_like(width))[..., None]
     wrapped = torch.logsumexp(-0.5 * ((z[..., None] + k) / s) ** 2, -1) - torch.log(s[..., 0]) - 0.5 * _LOG_2PI
@@ -108,9 +123,13 @@ def base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> t
     return torch.where(base == UNIFORM, torch.full_like(z, -_LOG_2PI), out)
 
 
-def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: WhiteningTable) -> ICContext:
+def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: WhiteningTable,
+                  narrow_dihedrals: str = "wrapped") -> ICContext:
     """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and the whitening of
-    every coordinate from ``table`` (twin sense dihedrals get the bounded HALF treatment)."""
+    every coordinate from ``table`` (twin sense dihedrals get the bounded HALF treatment; narrow dihedrals a
+    wrapped normal or, with ``narrow_dihedrals="atanh"``, the CIRCLE map)."""
+    if narrow_dihedrals not in NARROW_DIHEDRALS:
+        raise ValueError(f"narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got {narrow_dihedrals!r}.")
     zm = build_zmatrix(encoding, bonds)
     order = zm.order
     roles = np.array([min(p, 3) for p in range(zm.n_atoms)]) + 4 * zm.improper.astype(np.int64)
@@ -132,7 +151,10 @@ def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: Whiten
                 centre[p, c], width[p, c], base[p, c] = mu, sigma, NORMAL
             elif p in half:
                 centre[p, c], base[p, c] = half[p], HALF
-                offset[p, c], width[p, c] = _half_whitening(mu, min(sigma, 2.0), half[p])
+                offset[p, c], width[p, c] = _atanh_whitening(mu, min(sigma, 2.0), half[p], 2 / math.pi)
+            elif sigma < UNIFORM_ABOVE and narrow_dihedrals == "atanh":
+                centre[p, c], base[p, c] = mu, CIRCLE
+                offset[p, c], width[p, c] = _atanh_whitening(mu, sigma, mu, 1 / math.pi)
             elif sigma < UNIFORM_ABOVE:
                 centre[p, c], width[p, c], base[p, c] = mu, sigma, WRAPPED_NORMAL
             else:
@@ -146,25 +168,30 @@ def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: Whiten
 
 def whiten(ic: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, log |dz/dic|)`` from ``(B, N, 3)`` internal coordinates (float64); ``z`` is infinite where a
-    HALF entry lies outside its half circle (a non-canonical labelling)."""
+    HALF entry lies outside its half circle (a non-canonical labelling) or a CIRCLE entry exactly opposite its
+    centre."""
     centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
     scaled = (ic - centre) / width
     shifted = torch.remainder(ic - centre + math.pi, 2 * math.pi) - math.pi
-    s = shifted * (2 / math.pi)
+    atanh_kind = (base == HALF) | (base == CIRCLE)
+    factor = _atanh_factor(base)
+    s = shifted * factor
     inside = s.abs() < 1
-    s_safe = torch.where(inside & (base == HALF), s, torch.zeros_like(s))
-    half = torch.where(inside, (torch.atanh(s_safe) - offset) / width, torch.full_like(s, float("inf")))
+    s_safe = torch.where(inside & atanh_kind, s, torch.zeros_like(s))
+    mapped = torch.where(inside, (torch.atanh(s_safe) - offset) / width, torch.full_like(s, float("inf")))
     z = torch.where(base == NORMAL, scaled, torch.where(base == NONE, torch.zeros_like(ic), shifted))
-    z = torch.where(base == HALF, half, z)
+    z = torch.where(atanh_kind, mapped, z)
     log_det = torch.where(base == NORMAL, -torch.log(width), torch.zeros_like(width))
-    half_det = math.log(2 / math.pi) - torch.log1p(-s_safe * s_safe) - torch.log(width)
-    log_det = torch.where(base == HALF, half_det, log_det)
+    mapped_det = torch.log(factor) - torch.log1p(-s_safe * s_safe) - torch.log(width)
+    log_det = torch.where(atanh_kind, mapped_det, log_det)
     return z, log_det.sum((1, 2))
 
 def unwhiten(z: torch.Tensor, batch: dict) -> torch.Tensor:
     centre, width, base, offset = batch["centre"], batch["width"], batch["base"], batch["offset"]
     shifted = torch.remainder(z + centre + math.pi, 2 * math.pi) - math.pi
-    half = centre + (math.pi / 2) * torch.tanh(offset + width * z)
+    mapped = centre + torch.tanh(offset + width * z) / _atanh_factor(base)
     out = torch.where(base == NORMAL, centre + width * z, torch.where(base == NONE, torch.zeros_like(z),
                                                                        shifted))
-    return torch.where(base == HALF, half, out)
+    wrapped = torch.remainder(mapped + math.pi, 2 * math.pi) - math.pi  # CIRCLE: back into [-pi, pi)
+    out = torch.where(base == CIRCLE, wrapped, out)
+    return torch.where(base == HALF, mapped, out)

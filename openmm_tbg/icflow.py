@@ -29,8 +29,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .ic_context import (HALF, NONE, NORMAL, WRAPPED_NORMAL, ICContext, base_log_prob, build_context,
-                         collate_contexts, unwhiten, whiten)
+from .ic_context import (CIRCLE, HALF, NARROW_DIHEDRALS, NONE, NORMAL, WRAPPED_NORMAL, ICContext, base_log_prob,
+                         build_context, collate_contexts, unwhiten, whiten)
 from .ic_statistics import WhiteningTable
 from .internal_coordinates import from_internal, log_jacobian, random_rotations, to_internal
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
@@ -62,7 +62,7 @@ class _Coupling(nn.Module):
         """Spline parameters ``(B, N, C, 3K + 1)`` (C = 1 dihedral or 2 bond/angle channels) from the kept
         entries of ``z``."""
         zb = z[..., :2].clamp(-10, 10)
-        angle = torch.where(half, torch.atan(z[..., 2:]), z[..., 2:])  # HALF entries: unbounded -> an angle
+        angle = torch.where(half, torch.atan(z[..., 2:]), z[..., 2:])  # HALF/CIRCLE: unbounded -> an angle
         feats = torch.cat([zb, torch.cos(angle), torch.sin(angle)], -1)
         feats = feats * torch.cat([keep[..., :2], keep[..., 2:], keep[..., 2:]], -1)
         h = h0 + self.features(torch.cat([feats, keep], -1))
@@ -90,6 +90,11 @@ class InternalCoordinateFlow(nn.Module):
         Vocabulary of the atom encoding (``n_atom_classes`` None: the current encoding's).
     max_distance : int
         Bond-graph distance clip of the attention bias.
+    narrow_dihedrals : {"wrapped", "atanh"}
+        Whitening of dihedrals narrower than `openmm_tbg.ic_statistics.UNIFORM_ABOVE`: a wrapped-normal base
+        and circular splines on [-pi, pi] ("wrapped", the default and the first shipped model's), or an
+        atanh map of the circle onto the line, scaled by the data's width, with a normal base and the splines
+        of bonds and angles ("atanh": the splines' bins then resolve the distribution's width).
     """
 
     family = "internal-coordinate"
@@ -97,16 +102,23 @@ class InternalCoordinateFlow(nn.Module):
 
     def __init__(self, statistics: Optional[dict] = None, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                  n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
-                 n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8):
+                 n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8,
+                 narrow_dihedrals: str = "wrapped"):
         super().__init__()
         from .encoding import ATOM_NAME_CLASSES
 
         n_atom_classes = len(ATOM_NAME_CLASSES) if n_atom_classes is None else int(n_atom_classes)
+        if narrow_dihedrals not in NARROW_DIHEDRALS:
+            raise ValueError(f"InternalCoordinateFlow: narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got "
+                             f"{narrow_dihedrals!r}.")
+        self.narrow_dihedrals = narrow_dihedrals
         self.table = WhiteningTable(statistics)
         self._config = {"n_rounds": int(n_rounds), "hidden": int(hidden), "n_heads": int(n_heads),
                         "n_blocks": int(n_blocks), "n_bins": int(n_bins), "bound": float(bound),
                         "max_residues": int(max_residues), "n_amino_acids": int(n_amino_acids),
                         "n_atom_classes": n_atom_classes, "max_distance": int(max_distance)}
+        if narrow_dihedrals != "wrapped":  # absent = "wrapped", so that older checkpoints keep their config
+            self._config["narrow_dihedrals"] = narrow_dihedrals
         self.vocab_sizes = (int(max_residues), int(n_amino_acids), n_atom_classes)
         self.bound = float(bound)
         self._vocab = (int(max_residues), int(n_amino_acids), n_atom_classes, 8)  # the last: Z-matrix roles
@@ -177,7 +189,7 @@ class InternalCoordinateFlow(nn.Module):
     def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:
         """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and whitening."""
         self.check_supported(encoding)
-        return build_context(encoding, bonds, self.table)
+        return build_context(encoding, bonds, self.table, self.narrow_dihedrals)
 
     # ------------------------------------------------------------------ whitening
     whiten = staticmethod(whiten)
@@ -204,7 +216,7 @@ class InternalCoordinateFlow(nn.Module):
         layer = self.layers[index]
         move = self._transformed(index, batch)
         keep = (batch["dof"] & ~move).to(z.dtype)
-        half = batch["base"][..., 2:] == HALF
+        half = (batch["base"][..., 2:] == HALF) | (batch["base"][..., 2:] == CIRCLE)  # splined on the line
         params = layer(z * keep, keep, half, h0, biases[index])
         if layer.dihedral:
             y, log_det = circular_rq_spline(z[..., 2:], params, inverse=inverse)
@@ -248,7 +260,7 @@ class InternalCoordinateFlow(nn.Module):
         eps = torch.randn(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
         u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device).to(base.device)
         wrapped = torch.remainder(width * eps + math.pi, 2 * math.pi) - math.pi
-        normal = (base == NORMAL) | (base == HALF)
+        normal = (base == NORMAL) | (base == HALF) | (base == CIRCLE)
         z = torch.where(normal, eps, torch.where(base == WRAPPED_NORMAL, wrapped, (2 * u - 1) * math.pi))
         z = torch.where(base == NONE, torch.zeros_like(z), z)
         log_q = base_log_prob(z, base, width).sum((1, 2))
@@ -304,22 +316,32 @@ class InternalCoordinateFlow(nn.Module):
             x = from_internal(bonds, angles, dihedrals, context.zmatrix, rot)
             log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix)
             log_q = torch.where(inside, log_q, torch.full_like(log_q, float("nan")))
-            x, log_q = self._symmetrise(x, log_q, dihedrals, context, generator)
+            x, log_q = self._symmetrise(x, log_q, context, generator)
             lqs.append(log_q.cpu())
             xs.append(x.cpu())
         self.last_stats = {"n_batches": len(xs)}
         return torch.cat(xs), torch.cat(lqs)
 
-    def _symmetrise(self, x: torch.Tensor, log_q: torch.Tensor, dihedrals: torch.Tensor, context: ICContext,
+    def _symmetrise(self, x: torch.Tensor, log_q: torch.Tensor, context: ICContext,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply each twin swap with probability 1/2 (`openmm_tbg.twins`); ``log p = log q_c - G log 2`` unless
-        a group's other labelling is canonical too, where the density is re-evaluated exactly."""
+        a group's other labelling is canonical too, where the density is re-evaluated exactly.
+
+        The labellings are judged, as `log_prob` judges them, from the dihedrals of the built positions. A draw
+        whose sense dihedral lies within round-off of its half circle's end can measure as non-canonical
+        there; its ``log q`` is set to NaN (outside the support, so the sampler rejects and counts it), which
+        keeps ``sample`` and ``log_prob`` exactly consistent.
+        """
         swaps = context.swaps
         if not swaps:
             return x, log_q
         flips = torch.rand(x.shape[0], len(swaps), generator=generator, dtype=torch.float64,
                            device=generator.device).to(x.device) < 0.5
-        _, ambiguous, _ = canonical_masks(dihedrals, swaps)
+        needed, ambiguous, outside = canonical_masks(to_internal(x, context.zmatrix)[2], swaps)
+        off = (needed | outside).any(1)
+        if bool(off.any()):
+            logger.debug("%d draw(s) on the boundary of a twin sense interval: log q = NaN", int(off.sum()))
+            log_q = torch.where(off, torch.full_like(log_q, float("nan")), log_q)
         x = apply_swaps(x, swaps, flips)
         log_q = log_q - len(swaps) * math.log(2.0)
         redo = ambiguous.any(1) & torch.isfinite(log_q)

@@ -18,6 +18,18 @@ from openmm_tbg.validity import ValidityChecker
 from openmm_tbg.zmatrix import build_zmatrix
 
 
+@pytest.fixture(autouse=True)
+def _seeded_initialisation():
+    """The flows' conditioner weights are initialised from torch's global RNG: seed it for each test (and
+    restore it afterwards) so that every run tests the same flows. Unseeded, the wide proposal of the
+    partition-function test put 38-45 % of its draws inside the support from run to run."""
+    import os
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(os.environ.get("OPENMM_TBG_TEST_SEED", "0")))
+        yield
+
+
 def _statistics(encoding, bonds, frames):
     zm = build_zmatrix(encoding, bonds)
     ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
@@ -37,14 +49,15 @@ def _randomise(flow, scale=0.05, seed=0):
     return flow
 
 
-@pytest.fixture(scope="module")
-def aa(fixture_dir):
+@pytest.fixture(scope="module", params=["wrapped", "atanh"])
+def aa(fixture_dir, request):
+    """AA with a tiny randomised flow, once per whitening of narrow dihedrals."""
     pdb = app.PDBFile(str(fixture_dir / "AA.pdb"))
     encoding = encode_topology(pdb.topology)
     bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
     frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
     flow = InternalCoordinateFlow(_statistics(encoding, bonds, frames), n_rounds=1, hidden=16, n_heads=2,
-                                  n_blocks=1, n_bins=4).double()
+                                  n_blocks=1, n_bins=4, narrow_dihedrals=request.param).double()
     _randomise(flow)
     return pdb, encoding, bonds, frames, flow
 
@@ -97,6 +110,40 @@ def test_layer_log_det_matches_brute_force_jacobian(aa):
     assert float(torch.linalg.slogdet(jac)[1]) == pytest.approx(float(flow.transform(z, batch)[1][0]), abs=1e-8)
 
 
+@pytest.mark.parametrize("centre, offset, width", [(0.3, 0.0, 0.02), (3.0, 0.4, 0.3), (-2.5, -1.0, 0.9)])
+def test_circle_whitening_is_a_normalised_bijection(centre, offset, width):
+    """The atanh map of a narrow dihedral (CIRCLE) is a bijection of the circle onto the line whose
+    log-Jacobian equals autograd's and, with a standard normal on z, integrates to one over the circle."""
+    from openmm_tbg.ic_context import CIRCLE, NONE, unwhiten, whiten
+
+    def batch(m):
+        return {"centre": torch.full((m, 1, 3), centre, dtype=torch.float64),
+                "width": torch.full((m, 1, 3), width, dtype=torch.float64),
+                "offset": torch.full((m, 1, 3), offset, dtype=torch.float64),
+                "base": torch.tensor([NONE, NONE, CIRCLE]).expand(m, 1, 3)}
+
+    # One dihedral per batch row, on a fine grid of the open circle: log_det is then that entry's own.
+    phi = torch.linspace(-math.pi, math.pi, 200001, dtype=torch.float64)[1:-1]
+    full = torch.zeros(len(phi), 1, 3, dtype=torch.float64)
+    full[:, 0, 2] = phi
+    z, log_det = whiten(full, batch(len(phi)))
+    finite = torch.isfinite(z[:, 0, 2])
+    assert int((~finite).sum()) <= 1  # only the point opposite the centre maps to infinity
+    probe = full[::1999].clone().requires_grad_(True)
+    zp, _ = whiten(probe, batch(len(probe)))
+    grad = torch.autograd.grad(zp[:, 0, 2].sum(), probe)[0][:, 0, 2]
+    ok = finite[::1999]
+    np.testing.assert_allclose(log_det[::1999][ok].numpy(), torch.log(grad.abs())[ok].numpy(), atol=1e-9)
+    back = unwhiten(z[::1999], batch(len(probe)))[:, 0, 2]
+    diff = torch.remainder(back - phi[::1999] + math.pi, 2 * math.pi) - math.pi
+    assert float(diff[ok].abs().max()) < 1e-9
+    zc = torch.where(finite, z[:, 0, 2], torch.zeros_like(phi))
+    density = torch.where(finite, torch.exp(-0.5 * zc ** 2 + log_det) / math.sqrt(2 * math.pi),
+                          torch.zeros_like(phi))
+    # (a Riemann sum: its error grows with the steepness of the density at the point opposite the centre)
+    assert float(density.sum() * (phi[1] - phi[0])) == pytest.approx(1.0, abs=1e-4)
+
+
 def _spring_toy(kind: str):
     """Zero-rest-length harmonic trees: a 4-atom chain, or C-A with three twin "hydrogens" on A (a methyl whose
     labels the flow symmetrises, `openmm_tbg.twins`). Returns (encoding, bonds)."""
@@ -137,7 +184,9 @@ def test_importance_sampling_recovers_a_known_partition_function(kind):
     assert len(ctx.swaps) == (1 if kind == "methyl" else 0)
     x, log_q = flow.sample(ctx, 20000, generator=11)
     inside = torch.isfinite(log_q[:500])  # NaN: a draw outside the support (an angle beyond (0, pi)), weight 0
-    assert inside.float().mean() > 0.4  # the wide proposal puts ~40 % of its draws at b < 0 or theta outside (0, pi)
+    # The wide proposal puts about half of its draws at b < 0 or theta outside (0, pi) (0.89^4 x 0.92^3 = 0.49
+    # inside for the methyl before the splines; 0.38-0.45 measured over initialisations).
+    assert inside.float().mean() > 0.3
     np.testing.assert_allclose(flow.log_prob(x[:500][inside], ctx).numpy(), log_q[:500][inside].numpy(), atol=1e-8)
     xn = x.numpy()
     u = sum(((xn[:, i] - xn[:, j]) ** 2).sum(-1) for i, j in bonds) / (2 * sigma ** 2)

@@ -21,7 +21,7 @@ _CLI_TO_CONFIG = {
     "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay",
     "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
     "family": "family", "rounds": "rounds", "blocks": "blocks", "bins": "bins",
-    "peptides_per_batch": "peptides_per_batch",
+    "peptides_per_batch": "peptides_per_batch", "narrow_dihedrals": "narrow_dihedrals",
 }
 
 
@@ -78,6 +78,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bins", type=int, default=None, help=f"internal-coordinate: spline bins ({d.bins})")
     group.add_argument("--peptides-per-batch", type=int, default=None,
                        help=f"internal-coordinate: distinct peptides per batch ({d.peptides_per_batch})")
+    group.add_argument("--narrow-dihedrals", choices=["wrapped", "atanh"], default=None,
+                       help="internal-coordinate: whitening of narrow dihedrals, a wrapped normal on the circle or "
+                            f"an atanh map onto the line ({d.narrow_dihedrals})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

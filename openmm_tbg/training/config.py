@@ -78,6 +78,9 @@ class TrainingConfig:
         Internal-coordinate flow: rational-quadratic spline bins.
     peptides_per_batch : int
         Internal-coordinate flow: distinct peptides per batch (its frames are padded into one tensor).
+    narrow_dihedrals : str
+        Internal-coordinate flow: ``"wrapped"`` or ``"atanh"`` whitening of narrow dihedrals
+        (`openmm_tbg.icflow.InternalCoordinateFlow`).
     """
 
     n_layers: int = 5
@@ -107,6 +110,7 @@ class TrainingConfig:
     blocks: int = 1
     bins: int = 8
     peptides_per_batch: int = 8
+    narrow_dihedrals: str = "wrapped"
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
@@ -145,6 +149,11 @@ class TrainingConfig:
             raise ValueError(
                 f"TrainingConfig.ema_decay must lie in [0, 1) (0 turns the EMA off), got {self.ema_decay!r}."
             )
+        from ..ic_context import NARROW_DIHEDRALS
+
+        if self.narrow_dihedrals not in NARROW_DIHEDRALS:
+            raise ValueError(f"TrainingConfig.narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got "
+                             f"{self.narrow_dihedrals!r}.")
         if self.coupling not in COUPLINGS:
             raise ValueError(
                 f"Unknown coupling {self.coupling!r}; use one of {', '.join(repr(c) for c in COUPLINGS)}."

@@ -50,7 +50,7 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False) ->
 
 def build_ic_flow(trajectories: Sequence[Any], *, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                   n_blocks: int = 2, n_bins: int = 8, max_residues: int | None = None, seed: int = 0,
-                  statistics: dict | None = None):
+                  statistics: dict | None = None, narrow_dihedrals: str = "wrapped"):
     """A fresh `InternalCoordinateFlow` whitened with the training data's statistics (weights seeded with
     ``seed`` without touching the caller's global RNG)."""
     from ..icflow import InternalCoordinateFlow
@@ -62,7 +62,8 @@ def build_ic_flow(trajectories: Sequence[Any], *, n_rounds: int = 3, hidden: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return InternalCoordinateFlow(statistics, n_rounds=n_rounds, hidden=hidden, n_heads=n_heads,
-                                      n_blocks=n_blocks, n_bins=n_bins, max_residues=max_residues)
+                                      n_blocks=n_blocks, n_bins=n_bins, max_residues=max_residues,
+                                      narrow_dihedrals=narrow_dihedrals)
 
 
 @dataclass
