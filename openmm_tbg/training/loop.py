@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.splits import check_not_test_split
-from ..utils import device_name, machine_info, portable_command
+from ..utils import device_name, machine_info, portable_command, portable_path
 from .batching import PeptideBatchSampler, estimate_length_scale, flow_matching_loss, make_generators, \
     make_training_batch
 from .likelihood import ICTrainingData, likelihood_loss
@@ -175,7 +175,7 @@ def _metadata(run: _Run, wall: float, hardware: dict[str, Any]) -> dict[str, Any
     """The ``training`` metadata stored in the model file."""
     losses = run.losses
     return {"training": {
-        "data_dir": None if run.data_dir is None else os.path.abspath(os.fspath(run.data_dir)),
+        "data_dir": portable_path(run.data_dir),  # the data set by name, not where it lay on this machine
         "peptides": sorted(run.names),
         "n_peptides": len(run.names),
         "frames": int(run.sampler.n_frames.sum()),

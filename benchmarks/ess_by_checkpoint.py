@@ -1,0 +1,80 @@
+"""Sample quality against training time: valid fraction and Kish ESS of several checkpoints of one run.
+
+For every model file (e.g. the copies of a training run's checkpoints) and every peptide, the script draws
+``--samples`` proposals with exact importance weights (`BoltzmannGeneratorSampler`, the same seed for every
+model) and prints one row per model: training steps and wall time from the checkpoint's metadata, the mean
+valid fraction and Kish ESS, and each peptide's ESS. With a few thousand proposals an ESS below ~0.5 % rests
+on fewer than 10 effective samples, so single entries are noisy; compare means and trends.
+
+This is a tool for choosing training settings, so it refuses peptides of the data set's test split unless
+``--allow-test`` is given (for a final report, not for tuning).
+
+    python benchmarks/ess_by_checkpoint.py --models runs/ic/history/step*.pt --peptides AD KE PW VL FS MR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from _harness import header, markdown_table, pick_device
+
+from openmm_tbg import BoltzmannGeneratorSampler
+from openmm_tbg.checkpoint import load_model
+from openmm_tbg.data import load_peptide
+from openmm_tbg.data.splits import check_not_test_split
+from openmm_tbg.peptides import create_system
+
+DEFAULT_PEPTIDES = ("AD", "KE", "PW", "VL", "FS", "MR")  # train split: charged, Pro, branched, aromatic, long
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="model files (checkpoints of one run)")
+    parser.add_argument("--data", default=os.path.join("..", "shared", "data", "dipeptides"),
+                        help="data-set directory (default ../shared/data/dipeptides)")
+    parser.add_argument("--peptides", nargs="+", default=list(DEFAULT_PEPTIDES),
+                        help=f"peptides (default: {' '.join(DEFAULT_PEPTIDES)}, all in the train split)")
+    parser.add_argument("--samples", type=int, default=2000, help="proposals per model and peptide (2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    parser.add_argument("--allow-test", action="store_true", help="allow test-split peptides (reports only)")
+    args = parser.parse_args(argv)
+    if not args.allow_test:
+        try:
+            check_not_test_split(args.peptides, args.data)
+        except ValueError as exc:
+            parser.error(f"{exc} This benchmark compares training settings, so it is run on train peptides; pass "
+                         "--allow-test only to report on a finished model.")
+    dev = pick_device("cpu", args.threads)
+    header(__file__, dev, samples=args.samples, seed=args.seed, peptides=" ".join(args.peptides))
+    molecules = []
+    for name in args.peptides:
+        traj = load_peptide(args.data, name, max_frames=1)
+        molecules.append((name, traj.topology, create_system(traj.topology)))
+    rows = []
+    for path in args.models:
+        flow = load_model(path)
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}).get("training", {})
+        valid, ess, cells = [], [], []
+        start = time.perf_counter()
+        for name, topology, system in molecules:
+            sampler = BoltzmannGeneratorSampler(system, topology, model=flow, seed=args.seed, device=dev)
+            result = sampler.sample(args.samples, progress=False)
+            valid.append(result.n_valid / args.samples)
+            ess.append(result.ess)
+            cells.append(f"{100 * result.ess:.2f} ({100 * valid[-1]:.0f})")
+        hours = meta.get("wall_time_s", float("nan")) / 3600
+        rows.append([os.path.basename(path), meta.get("steps", "?"), f"{hours:.2f}",
+                     f"{100 * np.mean(valid):.1f}", f"{100 * np.mean(ess):.2f}", *cells,
+                     f"{time.perf_counter() - start:.0f}"])
+    markdown_table(["model", "steps", "training h", "valid %", "mean ESS %",
+                    *[f"{n} ESS % (valid %)" for n in args.peptides], "wall s"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
