@@ -344,7 +344,9 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
         again.close()
     log_w = -drawn.reduced_potentials - drawn.log_q
     w = np.exp(log_w - log_w.max())
-    assert res["ess"] == pytest.approx(w.sum() ** 2 / (12 * np.sum(w ** 2)), rel=1e-9)
+    # rel 1e-5, not 1e-9: OpenMM's CPU platform sums forces over threads in a varying order, so the same
+    # positions can give energies that differ in the last float digits between two contexts (seen: 8e-7 here).
+    assert res["ess"] == pytest.approx(w.sum() ** 2 / (12 * np.sum(w ** 2)), rel=1e-5)
     assert res["ess_valid"] == pytest.approx(res["ess"], rel=1e-12)  # nothing rejected: the same n
     assert np.isfinite(res["energy_w2_raw"]) and np.isfinite(res["energy_w2_reweighted"])
     # The BG samples sit at the reference frame's torsions, so torus-W2 against MD is close to that of a point
