@@ -11,6 +11,7 @@ import argparse
 import os
 
 from ..data.splits import load_training_data
+from ..ic_context import NARROW_DIHEDRALS
 from .config import COUPLINGS, TrainingConfig
 from .loop import train
 from .resume import read_resume_file, resume_path
@@ -78,7 +79,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bins", type=int, default=None, help=f"internal-coordinate: spline bins ({d.bins})")
     group.add_argument("--peptides-per-batch", type=int, default=None,
                        help=f"internal-coordinate: distinct peptides per batch ({d.peptides_per_batch})")
-    group.add_argument("--narrow-dihedrals", choices=["wrapped", "atanh"], default=None,
+    group.add_argument("--narrow-dihedrals", choices=list(NARROW_DIHEDRALS), default=None,
                        help="internal-coordinate: whitening of narrow dihedrals, a wrapped normal on the circle or "
                             f"an atanh map onto the line ({d.narrow_dihedrals})")
 

@@ -93,7 +93,7 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
                              f"peptides of {needed}; train a new model instead of starting from this one.")
         adopted = {"family": parent_flow.family, "rounds": pc["n_rounds"], "hidden": pc["hidden"],
                    "blocks": pc["n_blocks"], "bins": pc["n_bins"], "max_residues": pc["max_residues"],
-                   "narrow_dihedrals": pc.get("narrow_dihedrals", "wrapped")}
+                   "narrow_dihedrals": parent_flow.narrow_dihedrals}
         statistics = pc["statistics"]  # keep the parent's whitening: its weights were trained with it
     else:
         vf_config = getattr(parent_flow.vector_field, "config", None)
