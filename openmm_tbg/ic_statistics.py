@@ -11,6 +11,11 @@ angle or dihedral) the table stores a centre and a width collected from training
 
 A key not seen in training falls back to the same key without amino acids, then to generic defaults, so any
 peptide of the 20 amino acids can be served. The table is plain lists of numbers, stored in the checkpoint.
+
+`force_field_moments` gives the alternative whitening of bonds and angles from a System's harmonic terms:
+centre at the equilibrium value, width ``sqrt(kT / k)`` (the width of that term alone at temperature T).
+`WhiteningTable.add_moments` stores such values in the same table, so a flow whitened either way is
+conditioned, saved and loaded the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-__all__ = ["WhiteningTable", "generic_key", "UNIFORM_ABOVE"]
+__all__ = ["WhiteningTable", "generic_key", "force_field_moments", "UNIFORM_ABOVE", "WHITENING_SOURCES"]
+
+#: Where the bond and angle whitening comes from: the training MD frames, or the force field's harmonic terms
+#: (dihedrals always come from the MD frames).
+WHITENING_SOURCES = ("md", "force-field")
 
 #: Circular standard deviation (rad) above which a dihedral gets a uniform base instead of a wrapped normal.
 UNIFORM_ABOVE = 1.0
@@ -62,6 +71,22 @@ class WhiteningTable:
                 old = self.entries.get(k, [0.0, 0.0, 0.0])
                 self.entries[k] = [a + b for a, b in zip(old, stats)]
 
+    def add_moments(self, key: str, mean: float, variance: float, weight: float) -> None:
+        """Add a bond or angle ``key`` whose values have ``mean`` and ``variance``, counted ``weight`` times
+        (e.g. the frames of the peptide it comes from), as if those frames had been added."""
+        if not key or key[0] == "d":
+            raise ValueError(f"add_moments takes bond and angle keys only, got {key!r}.")
+        if not weight > 1:
+            raise ValueError(f"add_moments needs a weight above 1 (lookup ignores single counts), got {weight!r}.")
+        stats = [float(weight), weight * mean, weight * (mean * mean + variance)]
+        for k in (key, generic_key(key)):
+            old = self.entries.get(k, [0.0, 0.0, 0.0])
+            self.entries[k] = [a + b for a, b in zip(old, stats)]
+
+    def drop_kinds(self, kinds: str) -> None:
+        """Remove every entry of the given kinds (``"ba"``: bonds and angles)."""
+        self.entries = {k: v for k, v in self.entries.items() if k[0] not in kinds}
+
     # ---------------------------------------------------------------- lookup
     def lookup(self, key: str) -> tuple[float, float, bool]:
         """``(centre, width, known)`` for a key; dihedral widths are circular standard deviations (rad)."""
@@ -87,3 +112,60 @@ class WhiteningTable:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def force_field_moments(system, zmatrix, temperature_k: float) -> list[tuple[str, float, float]]:
+    """Bond and angle whitening of a Z-matrix from the harmonic terms of an OpenMM System.
+
+    Parameters
+    ----------
+    system : openmm.System
+        With a ``HarmonicBondForce`` and a ``HarmonicAngleForce`` (energy ``k/2 (x - x0)^2``), atoms indexed as
+        in the topology the Z-matrix was built from.
+    zmatrix : ZMatrix
+    temperature_k : float
+        Temperature, K.
+
+    Returns
+    -------
+    list of (str, float, float)
+        ``(key, x0, sqrt(kT / k))`` in nm or rad for every bond and angle of the Z-matrix, in build order (a key
+        can occur more than once: residues of the same amino acid share keys, and terminal residues can have
+        other parameters).
+
+    Raises
+    ------
+    ValueError
+        If a Z-matrix bond or angle has no harmonic term (the System was not made from this topology).
+    """
+    import openmm
+
+    kt = 0.00831446261815324 * float(temperature_k)  # kJ/mol
+    bonds, angles = {}, {}
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for n in range(force.getNumBonds()):
+                i, j, x0, k = force.getBondParameters(n)
+                bonds[frozenset((i, j))] = (x0.value_in_unit(openmm.unit.nanometer),
+                                            k.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer ** 2))
+        elif isinstance(force, openmm.HarmonicAngleForce):
+            for n in range(force.getNumAngles()):
+                i, j, l, x0, k = force.getAngleParameters(n)
+                value = (x0.value_in_unit(openmm.unit.radian),
+                         k.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.radian ** 2))
+                angles[(i, j, l)] = angles[(l, j, i)] = value
+    out = []
+    for p in range(zmatrix.n_atoms):
+        i = int(zmatrix.order[p])
+        j, k, _ = (int(r) for r in zmatrix.refs[p])
+        bond_key, angle_key, _ = zmatrix.keys[p]
+        for key, term in ((bond_key, bonds.get(frozenset((i, j))) if bond_key else None),
+                          (angle_key, angles.get((i, j, k)) if angle_key else None)):
+            if not key:
+                continue
+            if term is None or not term[1] > 0:
+                raise ValueError(f"The System has no harmonic term with a positive force constant for the "
+                                 f"Z-matrix coordinate {key} (atoms {i}, {j}{', ' + str(k) if key[0] == 'a' else ''}): "
+                                 "create the System from the same Topology, with constraints=None.")
+            out.append((key, term[0], math.sqrt(kt / term[1])))
+    return out

@@ -12,6 +12,7 @@ import os
 
 from ..data.splits import load_training_data
 from ..ic_context import NARROW_DIHEDRALS
+from ..ic_statistics import WHITENING_SOURCES
 from .config import COUPLINGS, TrainingConfig
 from .loop import train
 from .resume import read_resume_file, resume_path
@@ -22,7 +23,7 @@ _CLI_TO_CONFIG = {
     "warmup": "warmup_steps", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "ema_decay": "ema_decay",
     "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
     "family": "family", "rounds": "rounds", "blocks": "blocks", "bins": "bins",
-    "peptides_per_batch": "peptides_per_batch", "narrow_dihedrals": "narrow_dihedrals",
+    "peptides_per_batch": "peptides_per_batch", "narrow_dihedrals": "narrow_dihedrals", "whitening": "whitening",
 }
 
 
@@ -82,6 +83,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--narrow-dihedrals", choices=list(NARROW_DIHEDRALS), default=None,
                        help="internal-coordinate: whitening of narrow dihedrals, a wrapped normal on the circle or "
                             f"an atanh map onto the line ({d.narrow_dihedrals})")
+    group.add_argument("--whitening", choices=list(WHITENING_SOURCES), default=None,
+                       help="internal-coordinate: whiten bonds and angles by the training frames' mean and std, or "
+                            f"by the force field's equilibrium values and sqrt(kT/k) ({d.whitening}); ignored with "
+                            "--init-from, which keeps the parent's whitening")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

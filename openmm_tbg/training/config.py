@@ -81,6 +81,10 @@ class TrainingConfig:
     narrow_dihedrals : str
         Internal-coordinate flow: ``"wrapped"`` or ``"atanh"`` whitening of narrow dihedrals
         (`openmm_tbg.icflow.InternalCoordinateFlow`).
+    whitening : str
+        Internal-coordinate flow: where the bond and angle whitening comes from, ``"md"`` (mean and standard
+        deviation of the training frames) or ``"force-field"`` (equilibrium value and ``sqrt(kT/k)`` of the
+        amber14-all harmonic terms at 310 K); `openmm_tbg.training.likelihood.whitening_statistics`.
     """
 
     n_layers: int = 5
@@ -111,6 +115,7 @@ class TrainingConfig:
     bins: int = 8
     peptides_per_batch: int = 8
     narrow_dihedrals: str = "wrapped"
+    whitening: str = "md"
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
@@ -154,6 +159,10 @@ class TrainingConfig:
         if self.narrow_dihedrals not in NARROW_DIHEDRALS:
             raise ValueError(f"TrainingConfig.narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got "
                              f"{self.narrow_dihedrals!r}.")
+        from ..ic_statistics import WHITENING_SOURCES
+
+        if self.whitening not in WHITENING_SOURCES:
+            raise ValueError(f"TrainingConfig.whitening must be one of {WHITENING_SOURCES}, got {self.whitening!r}.")
         if self.coupling not in COUPLINGS:
             raise ValueError(
                 f"Unknown coupling {self.coupling!r}; use one of {', '.join(repr(c) for c in COUPLINGS)}."

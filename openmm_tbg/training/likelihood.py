@@ -27,17 +27,33 @@ def peptide_bonds(trajectory: Any) -> list[tuple[int, int]]:
     return [(b[0].index, b[1].index) for b in trajectory.topology.bonds()]
 
 
-def whitening_statistics(trajectories: Sequence[Any], progress: bool = False) -> dict:
-    """`WhiteningTable` entries collected from the frames of training peptides."""
+def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, source: str = "md",
+                         temperature_k: float = 310.0) -> dict:
+    """`WhiteningTable` entries collected from training peptides.
+
+    Parameters
+    ----------
+    trajectories : sequence of PeptideTrajectory
+    progress : bool
+    source : {"md", "force-field"}
+        Bonds and angles whitened by the mean and standard deviation of the MD frames, or by the equilibrium
+        value and ``sqrt(kT / k)`` of each peptide's amber14-all harmonic terms (`force_field_moments`, each
+        peptide weighted by its frames). Dihedrals always come from the MD frames.
+    temperature_k : float
+        Temperature of ``kT`` for ``source="force-field"``, K (the data set's 310 K).
+    """
     from tqdm.auto import tqdm
 
-    from ..ic_statistics import WhiteningTable
+    from ..ic_statistics import WHITENING_SOURCES, WhiteningTable, force_field_moments
     from ..internal_coordinates import to_internal
+    from ..peptides import create_system
+    from ..twins import canonicalize, twin_swaps
     from ..zmatrix import build_zmatrix
 
-    from ..twins import canonicalize, twin_swaps
-
+    if source not in WHITENING_SOURCES:
+        raise ValueError(f"Unknown whitening source {source!r}; use one of {WHITENING_SOURCES}.")
     table = WhiteningTable()
+    force_field = WhiteningTable()
     for t in tqdm(trajectories, disable=not progress, desc="internal-coordinate statistics", unit="peptide"):
         bonds = peptide_bonds(t)
         zm = build_zmatrix(t.encoding, bonds)
@@ -45,18 +61,26 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False) ->
         ic = torch.stack(to_internal(x[ok], zm), -1).numpy()
         for c in range(3):
             table.add([keys[c] for keys in zm.keys], ic[..., c])
+        if source == "force-field":
+            weight = max(int(ok.sum()), 2)
+            for key, x0, width in force_field_moments(create_system(t.topology), zm, temperature_k):
+                force_field.add_moments(key, x0, width * width, weight)
+    if source == "force-field":
+        table.drop_kinds("ba")
+        table.entries.update(force_field.entries)
     return table.to_dict()
 
 
 def build_ic_flow(trajectories: Sequence[Any], *, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                   n_blocks: int = 2, n_bins: int = 8, max_residues: int | None = None, seed: int = 0,
-                  statistics: dict | None = None, narrow_dihedrals: str = "wrapped"):
-    """A fresh `InternalCoordinateFlow` whitened with the training data's statistics (weights seeded with
-    ``seed`` without touching the caller's global RNG)."""
+                  statistics: dict | None = None, narrow_dihedrals: str = "wrapped", whitening: str = "md"):
+    """A fresh `InternalCoordinateFlow` whitened with ``statistics`` or, by default, with those of the training
+    data (`whitening_statistics` with ``source=whitening``); weights seeded with ``seed`` without touching the
+    caller's global RNG."""
     from ..icflow import InternalCoordinateFlow
 
     if statistics is None:
-        statistics = whitening_statistics(trajectories)
+        statistics = whitening_statistics(trajectories, source=whitening)
     if max_residues is None:
         max_residues = max(int(t.encoding.n_residues) for t in trajectories)
     with torch.random.fork_rng(devices=[]):

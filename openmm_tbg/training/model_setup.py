@@ -47,7 +47,8 @@ def build_flow(config: TrainingConfig, length_scale: float, max_residues: int,
 
         return build_ic_flow(trajectories, n_rounds=config.rounds, hidden=config.hidden, n_blocks=config.blocks,
                              n_bins=config.bins, max_residues=max_residues, seed=config.seed,
-                             statistics=statistics, narrow_dihedrals=config.narrow_dihedrals)
+                             statistics=statistics, narrow_dihedrals=config.narrow_dihedrals,
+                             whitening=config.whitening)
     from openmm_tbg.flow import TransferableFlow
     from openmm_tbg.nn.egnn import EGNNVectorField
 
