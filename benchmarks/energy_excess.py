@@ -7,7 +7,10 @@ each term over the samples minus its median over MD frames, in kT at 310 K. A la
 a Cartesian flow pays for placing bonds to ~0.003 nm; the internal-coordinate flow should have almost none.
 
 The CNF's samples are drawn positions-only (no divergence), which is 10-20x cheaper and gives the same
-positions. ``--shuffle`` adds the "MD with shuffled bonds and angles" reference: MD frames whose bond lengths and
+positions. A second table splits the bonds and angles by their place in the internal-coordinate Z-matrix: bonds
+and angles that are Z-matrix coordinates (the flow models them directly), ring-closure bonds and the angles
+that contain one (set by the coordinates of both ring arms), and the other angles (implied by an angle and an
+improper dihedral at a branch centre). ``--shuffle`` adds the "MD with shuffled bonds and angles" reference: MD frames whose bond lengths and
 angles are each permuted independently across frames (marginals kept, correlations broken) and rebuilt along
 the internal-coordinate Z-matrix.
 
@@ -60,6 +63,52 @@ def force_group_energies(system, positions_nm: np.ndarray, temperature: float = 
     return out
 
 
+def bonded_split(system, zmatrix, positions_nm: np.ndarray, temperature: float = 310.0) -> dict[str, np.ndarray]:
+    """Harmonic bond and angle energies (kT) of configurations, split by their role in ``zmatrix``.
+
+    Returns ``bonds: z-matrix``, ``bonds: ring closure``, ``angles: z-matrix``, ``angles: ring closure`` (an
+    angle containing a ring-closure bond) and ``angles: implied`` (the rest), each ``(n,)``.
+    """
+    import openmm
+
+    from openmm_tbg.energy import MOLAR_GAS_CONSTANT
+    from openmm_tbg.internal_coordinates import to_internal
+
+    kT = MOLAR_GAS_CONSTANT * temperature
+    closures = {frozenset(map(int, c)) for c in zmatrix.ring_closures}
+    zbonds, zangles = set(), set()
+    for p in range(1, zmatrix.n_atoms):
+        i, (j, k, _) = int(zmatrix.order[p]), (int(r) for r in zmatrix.refs[p])
+        zbonds.add(frozenset((i, j)))
+        if p >= 2:
+            zangles.add((i, j, k))
+            zangles.add((k, j, i))
+    x = np.asarray(positions_nm, dtype=np.float64)
+    out = {key: np.zeros(len(x)) for key in ("bonds: z-matrix", "bonds: ring closure", "angles: z-matrix",
+                                              "angles: ring closure", "angles: implied")}
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for n in range(force.getNumBonds()):
+                i, j, r0, k = force.getBondParameters(n)
+                r = np.linalg.norm(x[:, i] - x[:, j], axis=-1)
+                e = 0.5 * k.value_in_unit(k.unit) * (r - r0.value_in_unit(r0.unit)) ** 2 / kT
+                out["bonds: ring closure" if frozenset((i, j)) in closures else "bonds: z-matrix"] += e
+        elif isinstance(force, openmm.HarmonicAngleForce):
+            for n in range(force.getNumAngles()):
+                i, j, l, t0, k = force.getAngleParameters(n)
+                a, b = x[:, i] - x[:, j], x[:, l] - x[:, j]
+                cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+                theta = np.arccos(np.clip(cos, -1.0, 1.0))
+                e = 0.5 * k.value_in_unit(k.unit) * (theta - t0.value_in_unit(t0.unit)) ** 2 / kT
+                if frozenset((i, j)) in closures or frozenset((j, l)) in closures:
+                    out["angles: ring closure"] += e
+                elif (i, j, l) in zangles:
+                    out["angles: z-matrix"] += e
+                else:
+                    out["angles: implied"] += e
+    return out
+
+
 def flow_positions(flow, encoding, bonds, n: int, seed: int) -> np.ndarray:
     """``n`` flow samples (nm); positions only for the CNF."""
     ctx = flow.condition(encoding, bonds)
@@ -104,12 +153,17 @@ def main(argv=None) -> None:
 
     models = args.model or [None]
     titles = ["peptide", "samples", "valid", "bonds", "angles", "torsions", "nonbonded+GB", "total"]
-    table = []
+    table, split_table = [], []
+    split_keys = ("bonds: z-matrix", "bonds: ring closure", "angles: z-matrix", "angles: ring closure",
+                  "angles: implied")
+    from openmm_tbg.zmatrix import build_zmatrix
     for name in args.peptides:
         traj = load_peptide(args.data, name, max_frames=args.md_frames)
         bonds = [(b[0].index, b[1].index) for b in traj.topology.bonds()]
         system = create_system(traj.topology)
         md = {k: np.median(v) for k, v in force_group_energies(system, traj.positions.astype(np.float64)).items()}
+        zm = build_zmatrix(traj.encoding, bonds)
+        md_split = {k: np.median(v) for k, v in bonded_split(system, zm, traj.positions).items()}
         rows = []
         if args.shuffle:
             rows.append(("MD, shuffled bonds+angles", shuffled_md(traj, bonds, np.random.default_rng(args.seed)),
@@ -129,8 +183,18 @@ def main(argv=None) -> None:
             e = force_group_energies(system, x)
             table.append([name, label, valid or "-", *(f"{np.median(e[k]) - md[k]:+.1f}" for k in
                                                         ("bonds", "angles", "torsions", "nonbonded+GB", "total"))])
+            split = bonded_split(system, zm, x)
+            # The split must add up to OpenMM's own bond and angle energies (same positions, same terms).
+            for term, parts in (("bonds", split_keys[:2]), ("angles", split_keys[2:])):
+                np.testing.assert_allclose(sum(split[k] for k in parts), e[term], rtol=1e-4, atol=1e-3)
+            counts = [len(zm.ring_closures)]
+            split_table.append([name, label, f"{counts[0]}", *(f"{np.median(split[k]) - md_split[k]:+.1f}"
+                                                              for k in split_keys)])
     print("median per-term reduced energy of the samples minus that of MD frames (kT, 310 K)")
     markdown_table(titles, table)
+    print()
+    print("the bonds and angles above, split by their role in the Z-matrix (median excess over MD, kT)")
+    markdown_table(["peptide", "samples", "ring closures", *split_keys], split_table)
 
 
 if __name__ == "__main__":
