@@ -124,15 +124,20 @@ def base_log_prob(z: torch.Tensor, base: torch.Tensor, width: torch.Tensor) -> t
 
 
 def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: WhiteningTable,
-                  narrow_dihedrals: str = "wrapped") -> ICContext:
-    """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and the whitening of
-    every coordinate from ``table`` (twin sense dihedrals get the bounded HALF treatment; narrow dihedrals a
-    wrapped normal or, with ``narrow_dihedrals="atanh"``, the CIRCLE map)."""
+                  narrow_dihedrals: str = "wrapped", ring_closure: str = "angle") -> ICContext:
+    """The `ICContext` of a molecule: Z-matrix (``ring_closure``: `openmm_tbg.zmatrix`), build-order tokens,
+    graph distances and the whitening of every coordinate from ``table`` (twin sense dihedrals get the bounded
+    HALF treatment; narrow dihedrals a wrapped normal or, with ``narrow_dihedrals="atanh"``, the CIRCLE map;
+    closure distances a normal base like bonds)."""
     if narrow_dihedrals not in NARROW_DIHEDRALS:
         raise ValueError(f"narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got {narrow_dihedrals!r}.")
-    zm = build_zmatrix(encoding, bonds)
+    zm = build_zmatrix(encoding, bonds, ring_closure=ring_closure)
     order = zm.order
     roles = np.array([min(p, 3) for p in range(zm.n_atoms)]) + 4 * zm.improper.astype(np.int64)
+    # Role tokens 0-3 (build position), 7 (improper); closing atoms whose second coordinate is a distance get
+    # the otherwise unused 4 (proper) and 5 (improper), so the conditioner can tell that channel apart.
+    closing = zm.closure_positions
+    roles[closing] = 4 + zm.improper[closing].astype(np.int64)
     tokens = np.stack([encoding.residue_index[order], encoding.amino_acid[order],
                        encoding.atom_class[order], roles], 1)
     dist = _graph_distances(zm.n_atoms, bonds)[np.ix_(order, order)]

@@ -34,8 +34,8 @@ WHITENING_SOURCES = ("md", "force-field")
 
 #: Circular standard deviation (rad) above which a dihedral gets a uniform base instead of a wrapped normal.
 UNIFORM_ABOVE = 1.0
-_DEFAULTS = {"b": (0.125, 0.01), "a": (1.95, 0.08)}
-_MIN_STD = {"b": 2e-4, "a": 2e-3, "d": 2e-3}
+_DEFAULTS = {"b": (0.125, 0.01), "a": (1.95, 0.08), "r": (0.14, 0.01)}  # r: ring-closure distances
+_MIN_STD = {"b": 2e-4, "a": 2e-3, "d": 2e-3, "r": 2e-4}
 
 
 def generic_key(key: str) -> str:
@@ -75,7 +75,7 @@ class WhiteningTable:
         """Add a bond or angle ``key`` whose values have ``mean`` and ``variance``, counted ``weight`` times
         (e.g. the frames of the peptide it comes from), as if those frames had been added."""
         if not key or key[0] == "d":
-            raise ValueError(f"add_moments takes bond and angle keys only, got {key!r}.")
+            raise ValueError(f"add_moments takes bond, angle and closure-distance keys only, got {key!r}.")
         if not weight > 1:
             raise ValueError(f"add_moments needs a weight above 1 (lookup ignores single counts), got {weight!r}.")
         stats = [float(weight), weight * mean, weight * (mean * mean + variance)]
@@ -84,7 +84,7 @@ class WhiteningTable:
             self.entries[k] = [a + b for a, b in zip(old, stats)]
 
     def drop_kinds(self, kinds: str) -> None:
-        """Remove every entry of the given kinds (``"ba"``: bonds and angles)."""
+        """Remove every entry of the given kinds (``"bar"``: bonds, angles and closure distances)."""
         self.entries = {k: v for k, v in self.entries.items() if k[0] not in kinds}
 
     # ---------------------------------------------------------------- lookup
@@ -131,7 +131,7 @@ def force_field_moments(system, zmatrix, temperature_k: float) -> list[tuple[str
     list of (str, float, float)
         ``(key, x0, sqrt(kT / k))`` in nm or rad for every bond and angle of the Z-matrix, in build order (a key
         can occur more than once: residues of the same amino acid share keys, and terminal residues can have
-        other parameters).
+        other parameters). A closure distance (``ring_closure="distance"``) gets its closure bond's term.
 
     Raises
     ------
@@ -159,13 +159,16 @@ def force_field_moments(system, zmatrix, temperature_k: float) -> list[tuple[str
         i = int(zmatrix.order[p])
         j, k, _ = (int(r) for r in zmatrix.refs[p])
         bond_key, angle_key, _ = zmatrix.keys[p]
+        c = int(zmatrix.closure_partner[p])
+        second = bonds.get(frozenset((i, c))) if c >= 0 else angles.get((i, j, k))
         for key, term in ((bond_key, bonds.get(frozenset((i, j))) if bond_key else None),
-                          (angle_key, angles.get((i, j, k)) if angle_key else None)):
+                          (angle_key, second if angle_key else None)):
             if not key:
                 continue
             if term is None or not term[1] > 0:
+                atoms = {"b": (i, j), "a": (i, j, k), "r": (i, c)}[key[0]]
                 raise ValueError(f"The System has no harmonic term with a positive force constant for the "
-                                 f"Z-matrix coordinate {key} (atoms {i}, {j}{', ' + str(k) if key[0] == 'a' else ''}): "
-                                 "create the System from the same Topology, with constraints=None.")
+                                 f"Z-matrix coordinate {key} (atoms {atoms}): create the System from the same "
+                                 "Topology, with constraints=None.")
             out.append((key, term[0], math.sqrt(kt / term[1])))
     return out

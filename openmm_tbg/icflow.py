@@ -32,7 +32,7 @@ from torch import nn
 from .ic_context import (CIRCLE, HALF, NARROW_DIHEDRALS, NONE, NORMAL, WRAPPED_NORMAL, ICContext, base_log_prob,
                          build_context, collate_contexts, unwhiten, whiten)
 from .ic_statistics import WhiteningTable
-from .internal_coordinates import from_internal, log_jacobian, random_rotations, to_internal
+from .internal_coordinates import closure_branch_ok, from_internal, log_jacobian, random_rotations, to_internal
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
 from .twins import apply_swaps, canonical_masks
@@ -103,15 +103,21 @@ class InternalCoordinateFlow(nn.Module):
     def __init__(self, statistics: Optional[dict] = None, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                  n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
                  n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8,
-                 narrow_dihedrals: str = "wrapped"):
+                 narrow_dihedrals: str = "wrapped", ring_closure: str = "angle"):
         super().__init__()
+        from .zmatrix import RING_CLOSURES
+
         from .encoding import ATOM_NAME_CLASSES
 
         n_atom_classes = len(ATOM_NAME_CLASSES) if n_atom_classes is None else int(n_atom_classes)
         if narrow_dihedrals not in NARROW_DIHEDRALS:
             raise ValueError(f"InternalCoordinateFlow: narrow_dihedrals must be one of {NARROW_DIHEDRALS}, got "
                              f"{narrow_dihedrals!r}.")
+        if ring_closure not in RING_CLOSURES:
+            raise ValueError(f"InternalCoordinateFlow: ring_closure must be one of {RING_CLOSURES}, got "
+                             f"{ring_closure!r}.")
         self.narrow_dihedrals = narrow_dihedrals
+        self.ring_closure = ring_closure
         self.table = WhiteningTable(statistics)
         self._config = {"n_rounds": int(n_rounds), "hidden": int(hidden), "n_heads": int(n_heads),
                         "n_blocks": int(n_blocks), "n_bins": int(n_bins), "bound": float(bound),
@@ -119,6 +125,8 @@ class InternalCoordinateFlow(nn.Module):
                         "n_atom_classes": n_atom_classes, "max_distance": int(max_distance)}
         if narrow_dihedrals != "wrapped":  # absent = "wrapped", so that older checkpoints keep their config
             self._config["narrow_dihedrals"] = narrow_dihedrals
+        if ring_closure != "angle":  # likewise: absent = "angle"
+            self._config["ring_closure"] = ring_closure
         self.vocab_sizes = (int(max_residues), int(n_amino_acids), n_atom_classes)
         self.bound = float(bound)
         self._vocab = (int(max_residues), int(n_amino_acids), n_atom_classes, 8)  # the last: Z-matrix roles
@@ -189,7 +197,7 @@ class InternalCoordinateFlow(nn.Module):
     def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:
         """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and whitening."""
         self.check_supported(encoding)
-        return build_context(encoding, bonds, self.table, self.narrow_dihedrals)
+        return build_context(encoding, bonds, self.table, self.narrow_dihedrals, self.ring_closure)
 
     # ------------------------------------------------------------------ whitening
     whiten = staticmethod(whiten)
@@ -313,8 +321,9 @@ class InternalCoordinateFlow(nn.Module):
             dof = batch["dof"]
             inside = ~((dof[..., 0] & (bonds <= 0)) | (dof[..., 1] & ((angles <= 0) | (angles >= math.pi)))).any(1)
             rot = random_rotations(m, generator, device=self.device)
-            x = from_internal(bonds, angles, dihedrals, context.zmatrix, rot)
-            log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix)
+            x, reachable = from_internal(bonds, angles, dihedrals, context.zmatrix, rot, return_support=True)
+            inside &= reachable  # closure distances that no angle on their branch reaches
+            log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix, positions=x)
             log_q = torch.where(inside, log_q, torch.full_like(log_q, float("nan")))
             x, log_q = self._symmetrise(x, log_q, context, generator)
             lqs.append(log_q.cpu())
@@ -374,7 +383,7 @@ class InternalCoordinateFlow(nn.Module):
         dihedrals = to_internal(x, zm)[2]
         needed, ambiguous, outside = canonical_masks(dihedrals, swaps)
         base = apply_swaps(x, swaps, needed)
-        log_q = self.log_prob_internal(torch.stack(to_internal(base, zm), -1), context)
+        log_q = self.log_prob_internal(torch.stack(to_internal(base, zm), -1), context, positions=base)
         log_q = torch.where(outside.any(1), torch.full_like(log_q, -math.inf), log_q)
         rows = torch.nonzero(ambiguous.any(1) & ~outside.any(1)).flatten()
         if len(rows):
@@ -394,17 +403,32 @@ class InternalCoordinateFlow(nn.Module):
             use = ~(mask & ~ambiguous).any(1)  # subsets of this row's ambiguous groups only
             if bool(use.any()):
                 xi = apply_swaps(x[use], swaps, mask[use])
-                terms[use, k] = self.log_prob_internal(torch.stack(to_internal(xi, zm), -1), context)
+                terms[use, k] = self.log_prob_internal(torch.stack(to_internal(xi, zm), -1), context, positions=xi)
         return torch.logsumexp(terms, 1)
 
-    def log_prob_internal(self, ic: torch.Tensor, context: ICContext) -> torch.Tensor:
+    def log_prob_internal(self, ic: torch.Tensor, context: ICContext,
+                          positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``log q_c`` (canonical labelling, before the twin symmetrisation) on the centre-free subspace from
-        ``(B, N, 3)`` internal coordinates of one molecule."""
+        ``(B, N, 3)`` internal coordinates of one molecule.
+
+        With closure distances (``ring_closure="distance"``) pass the ``positions`` the coordinates were
+        measured on: a configuration on the other branch of a closure has the same coordinates as one on the
+        density's branch, and only its positions tell them apart (it gets ``-inf``). Without them the
+        coordinates are taken to describe the configuration they build."""
         batch = self._batch(context, ic.shape[0])
         z, log_det_white = self.whiten(ic.double(), batch)
-        bonds, angles = ic[..., 0].double(), ic[..., 1].double()
-        log_q = self.log_prob_whitened(z, batch) + log_det_white + log_jacobian(bonds, angles, context.zmatrix)
-        return torch.where(torch.isfinite(z).all(-1).all(-1), log_q, torch.full_like(log_q, -math.inf))
+        bonds, angles, dihedrals = ic.double().unbind(-1)
+        ok = torch.isfinite(z).all(-1).all(-1)
+        if len(context.zmatrix.closure_positions):  # closure-distance Jacobians and branch need positions
+            if positions is None:
+                positions = from_internal(bonds, angles, dihedrals, context.zmatrix)
+            positions = positions.to(bonds)
+            ok &= closure_branch_ok(positions, context.zmatrix)
+        else:
+            positions = None
+        log_q = (self.log_prob_whitened(z, batch) + log_det_white
+                 + log_jacobian(bonds, angles, context.zmatrix, positions=positions))
+        return torch.where(ok, log_q, torch.full_like(log_q, -math.inf))
 
 
 def _as_positions(x_nm: Any, n_atoms: int) -> torch.Tensor:

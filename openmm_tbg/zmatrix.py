@@ -21,6 +21,15 @@ Rules (deterministic for any linear peptide of the 20 amino acids, zwitterionic 
 
 Each atom's role is keyed by the amino acid and name of the atoms involved and their residue offsets, so that
 statistics collected on training peptides apply to unseen ones (`ZMatrix.keys`).
+
+Ring closures (``ring_closure``): with ``"angle"`` (the default) every atom has a bond, an angle and a dihedral,
+and a ring's closure bond is implied by the coordinates of both arms, so its length and the angles at its ends
+carry the errors of all of them. With ``"distance"`` the later-placed atom ``i`` of each closure bond ``i-c``
+trades its angle ``i-j-k`` for the closure distance ``|x_i - x_c|``: the closure bond becomes a coordinate that
+is whitened and modelled like any bond. Given the bond, the dihedral and that distance, the angle follows in
+closed form on the branch where the distance grows with the angle (every ring frame of the data set lies on it,
+at least 0.6 of the median slope away from the turning point); the other branch has zero density. The
+coordinate is keyed ``"r|..."``.
 """
 
 from __future__ import annotations
@@ -31,7 +40,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["ZMatrix", "build_zmatrix"]
+__all__ = ["ZMatrix", "build_zmatrix", "RING_CLOSURES"]
+
+#: How ring closures are parametrised (module notes): the angle of the closing atom, or the closure distance.
+RING_CLOSURES = ("angle", "distance")
 
 _NAME_RANK = {"N": 0, "CA": 1, "C": 2, "CB": 3, "O": 4, "OXT": 5}
 
@@ -55,8 +67,11 @@ class ZMatrix:
         Per build position ``(bond_key, angle_key, dihedral_key)`` ("" where not applicable): the roles of the
         atoms, transferable between peptides.
     levels : tuple of numpy.ndarray
-        Build positions grouped so that every position's references lie in earlier groups (the NeRF
-        placement runs one vectorized step per group).
+        Build positions grouped so that every position's references (and closure partner) lie in earlier
+        groups (the NeRF placement runs one vectorized step per group).
+    closure_partner : numpy.ndarray
+        int64 (N,): for ``ring_closure="distance"``, the atom index ``c`` whose distance replaces the angle of
+        the build position (-1 elsewhere, and everywhere with ``"angle"``).
     """
 
     order: np.ndarray
@@ -65,6 +80,16 @@ class ZMatrix:
     ring_closures: tuple
     keys: tuple
     levels: tuple = field(repr=False)
+    closure_partner: np.ndarray = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.closure_partner is None:
+            object.__setattr__(self, "closure_partner", np.full(len(self.order), -1, dtype=np.int64))
+
+    @property
+    def closure_positions(self) -> np.ndarray:
+        """int64: build positions whose second coordinate is a closure distance (not an angle)."""
+        return np.flatnonzero(self.closure_partner >= 0)
 
     @property
     def n_atoms(self) -> int:
@@ -97,7 +122,7 @@ def _key(encoding, kind: str, atoms: Sequence[int], improper: bool = False) -> s
     return f"{kind}{'i' if improper else ''}|{labels}"
 
 
-def build_zmatrix(encoding, bonds: Sequence[tuple[int, int]]) -> ZMatrix:
+def build_zmatrix(encoding, bonds: Sequence[tuple[int, int]], ring_closure: str = "angle") -> ZMatrix:
     """Z-matrix of a molecule from its atom encoding and bonds (rules in the module notes).
 
     Parameters
@@ -106,6 +131,8 @@ def build_zmatrix(encoding, bonds: Sequence[tuple[int, int]]) -> ZMatrix:
         Atom names, elements, residue indices and amino acids.
     bonds : sequence of (int, int)
         Bonded atom index pairs (e.g. from ``topology.bonds()``); must connect all atoms.
+    ring_closure : {"angle", "distance"}
+        Parametrisation of ring closures (module notes).
 
     Returns
     -------
@@ -116,6 +143,8 @@ def build_zmatrix(encoding, bonds: Sequence[tuple[int, int]]) -> ZMatrix:
     ValueError
         Fewer than 3 atoms, bonds outside the atom range, or a bond graph that is not connected.
     """
+    if ring_closure not in RING_CLOSURES:
+        raise ValueError(f"build_zmatrix: ring_closure must be one of {RING_CLOSURES}, got {ring_closure!r}.")
     n = encoding.n_atoms
     if n < 3:
         raise ValueError(f"build_zmatrix: an internal-coordinate build needs at least 3 atoms, got {n}.")
@@ -164,10 +193,10 @@ def build_zmatrix(encoding, bonds: Sequence[tuple[int, int]]) -> ZMatrix:
         raise ValueError(f"build_zmatrix: the bond graph is not connected: atoms {missing[:10]} cannot be reached "
                          f"from atom {root} ({names[root]}); pass the topology's bonds (openmm.app.PDBFile adds "
                          f"them for standard residues).")
-    return _references(encoding, neighbours, np.asarray(order, dtype=np.int64), parent)
+    return _references(encoding, neighbours, np.asarray(order, dtype=np.int64), parent, ring_closure)
 
 
-def _references(encoding, neighbours, order: np.ndarray, parent: np.ndarray) -> ZMatrix:
+def _references(encoding, neighbours, order: np.ndarray, parent: np.ndarray, ring_closure: str) -> ZMatrix:
     n = len(order)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
@@ -204,10 +233,22 @@ def _references(encoding, neighbours, order: np.ndarray, parent: np.ndarray) -> 
     tree = {(min(i, int(parent[i])), max(i, int(parent[i]))) for i in order.tolist() if parent[i] >= 0}
     all_bonds = {(min(a, b), max(a, b)) for a in range(n) for b in neighbours[a]}
     closures = tuple(sorted(all_bonds - tree))
-    # Vectorized NeRF: a position's level is one more than the deepest of its references.
+    partner = np.full(n, -1, dtype=np.int64)
+    if ring_closure == "distance":
+        for a, b in closures:
+            i, c = (a, b) if position[a] > position[b] else (b, a)
+            p = int(position[i])
+            if p < 3 or partner[p] >= 0:
+                raise ValueError(f"build_zmatrix: ring closure {a}-{b} cannot be parametrised by its distance "
+                                 "(too close to the root, or a second closure at the same atom); use "
+                                 "ring_closure='angle'.")
+            partner[p] = c
+            keys[p] = (keys[p][0], _key(encoding, "r", [i, c]), keys[p][2])
+    # Vectorized NeRF: a position's level is one more than the deepest of its references (and closure partner).
     level = np.zeros(n, dtype=np.int64)
     for p in range(3, n):
-        level[p] = 1 + max(level[position[r]] for r in refs[p] if r >= 0)
+        deps = [r for r in refs[p] if r >= 0] + ([int(partner[p])] if partner[p] >= 0 else [])
+        level[p] = 1 + max(level[position[r]] for r in deps)
     levels = tuple(np.flatnonzero(level == v) for v in range(1, int(level.max()) + 1)) if n > 3 else ()
     return ZMatrix(order=order, refs=refs, improper=improper, ring_closures=closures, keys=tuple(keys),
-                   levels=levels)
+                   levels=levels, closure_partner=partner)

@@ -8,8 +8,8 @@ import torch
 from openmm import app
 
 from openmm_tbg.encoding import encode_topology, signed_volumes, chiral_centers
-from openmm_tbg.internal_coordinates import (LOG_SO3_VOLUME, dihedral, from_internal, log_jacobian,
-                                             random_rotations, to_internal)
+from openmm_tbg.internal_coordinates import (LOG_SO3_VOLUME, closure_branch_ok, dihedral, from_internal,
+                                             log_jacobian, random_rotations, to_internal)
 from openmm_tbg.peptides import build_peptide
 from openmm_tbg.zmatrix import build_zmatrix
 
@@ -34,12 +34,15 @@ def _kabsch_rmsd(x, y):
     return float(np.sqrt(((x @ r - y) ** 2).sum(1).mean()))
 
 
+@pytest.mark.parametrize("ring_closure", ["angle", "distance"])
 @pytest.mark.parametrize("name", FIXTURES)
-def test_round_trip_is_exact_on_md_frames(fixture_dir, name):
+def test_round_trip_is_exact_on_md_frames(fixture_dir, name, ring_closure):
     encoding, bonds, frames = _molecule(fixture_dir, name)
-    zm = build_zmatrix(encoding, bonds)
+    zm = build_zmatrix(encoding, bonds, ring_closure=ring_closure)
     x = torch.as_tensor(frames[:50])
-    y = from_internal(*to_internal(x, zm), zm)
+    assert bool(closure_branch_ok(x, zm).all())  # MD frames lie on the branch the density lives on
+    y, support = from_internal(*to_internal(x, zm), zm, return_support=True)
+    assert bool(support.all())
     worst = max(_kabsch_rmsd(a, b) for a, b in zip(x.numpy(), y.numpy()))
     assert worst < 1e-9
     # internal coordinates of the rebuilt frames equal the originals
@@ -118,11 +121,15 @@ def _subspace_basis(n):
     return torch.as_tensor(np.kron(basis, np.eye(3)))
 
 
-@pytest.mark.parametrize("name", ["AA", "HT"])
-def test_log_jacobian_matches_brute_force_autograd(fixture_dir, name):
-    """log |det d y / d (internal, Euler angles)| by autograd equals the closed form (+ log sin alpha)."""
+@pytest.mark.parametrize("name,ring_closure", [("AA", "angle"), ("HT", "angle"), ("HT", "distance"),
+                                               ("GP", "distance"), ("NY", "distance")])
+def test_log_jacobian_matches_brute_force_autograd(fixture_dir, name, ring_closure):
+    """log |det d y / d (internal, Euler angles)| by autograd equals the closed form (+ log sin alpha); with
+    closure distances the angle of each closing atom is solved inside the build, so autograd differentiates
+    through that solution."""
     encoding, bonds, frames = _molecule(fixture_dir, name)
-    zm = build_zmatrix(encoding, bonds)
+    zm = build_zmatrix(encoding, bonds, ring_closure=ring_closure)
+    assert (len(zm.closure_positions) > 0) == (ring_closure == "distance")
     n = encoding.n_atoms
     dof = torch.as_tensor(zm.dof_mask)
     ic0 = torch.stack(to_internal(torch.as_tensor(frames[3:4]), zm), -1)[0]
@@ -140,7 +147,9 @@ def test_log_jacobian_matches_brute_force_autograd(fixture_dir, name):
     jac = torch.autograd.functional.jacobian(y_of, params)
     assert jac.shape == (3 * n - 3, 3 * n - 3)
     brute = float(torch.linalg.slogdet(jac)[1])
-    closed = -float(log_jacobian(ic0[None, :, 0], ic0[None, :, 1], zm)[0]) - LOG_SO3_VOLUME + math.log(math.sin(0.7))
+    x0 = torch.as_tensor(frames[3:4])
+    closed = (-float(log_jacobian(ic0[None, :, 0], ic0[None, :, 1], zm, positions=x0)[0]) - LOG_SO3_VOLUME
+              + math.log(math.sin(0.7)))
     assert brute == pytest.approx(closed, abs=1e-8)
 
 
@@ -164,3 +173,32 @@ def test_bad_bond_graphs_are_refused():
         build_zmatrix(encoding, [(0, 1), (2, 3)])
     with pytest.raises(ValueError, match="distinct atoms"):
         build_zmatrix(encoding, [(0, 7)])
+
+
+def test_closure_distance_branch_and_support(fixture_dir):
+    """With closure distances, a configuration whose closing angle lies on the other branch (the distance
+    falling as the angle grows) is flagged as outside the density's support, and an unreachable distance is
+    reported by `from_internal` instead of giving NaN positions."""
+    encoding, bonds, frames = _molecule(fixture_dir, "NY")
+    zm_angle = build_zmatrix(encoding, bonds)
+    zm = build_zmatrix(encoding, bonds, ring_closure="distance")
+    (p,) = zm.closure_positions
+    x = torch.as_tensor(frames[:4])
+    b, a, d = to_internal(x, zm_angle)
+    a_other = a.clone()
+    a_other[:, p] = math.radians(60.0)  # the ring's closing angle folded in, past the turning point
+    x_other = from_internal(b, a_other, d, zm_angle)
+    assert not bool(closure_branch_ok(x_other, zm).any())
+    assert bool(closure_branch_ok(x, zm).all())
+    # The distance-parametrised build puts those coordinates back on the density's branch: not x_other.
+    y = from_internal(*to_internal(x_other, zm), zm)
+    assert min(_kabsch_rmsd(u, v) for u, v in zip(x_other.numpy(), y.numpy())) > 1e-3
+    bz, az, dz = to_internal(x, zm)
+    az = az.clone()
+    az[1, p] = 5.0  # 5 nm: no angle reaches it
+    y, support = from_internal(bz, az, dz, zm, return_support=True)
+    assert support.tolist() == [True, False, True, True] and bool(torch.isfinite(y).all())
+    with pytest.raises(ValueError, match="ring_closure"):
+        build_zmatrix(encoding, bonds, ring_closure="bond")
+    with pytest.raises(ValueError, match="pass the positions"):
+        log_jacobian(bz, az, zm)

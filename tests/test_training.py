@@ -224,17 +224,19 @@ def test_short_training_lowers_loss_and_saves_model(fixture_dir, tmp_path, train
         torch.testing.assert_close(flow.state_dict()[key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("whitening", ["md", "force-field"])
-def test_internal_coordinate_training_lowers_loss_with_either_whitening(tmp_path, train_trajectories, whitening):
+@pytest.mark.parametrize("whitening,ring_closure", [("md", "angle"), ("force-field", "distance")])
+def test_internal_coordinate_training_lowers_loss_with_either_whitening(tmp_path, train_trajectories, whitening,
+                                                                         ring_closure):
     """Maximum likelihood through the trainer (`--family internal-coordinate`): the loss per degree of freedom
-    falls, and the saved flow carries the whitening it was trained with."""
+    falls, and the saved flow carries the whitening and ring-closure rule it was trained with (GP's proline
+    ring is among the training peptides)."""
     from openmm_tbg.checkpoint import load_model
     from openmm_tbg.ic_statistics import WhiteningTable
     from openmm_tbg.training.likelihood import whitening_statistics
 
     cfg = TrainingConfig(family="internal-coordinate", rounds=1, hidden=16, blocks=1, bins=4, batch_size=24,
                          peptides_per_batch=3, steps=120, lr=1e-2, warmup_steps=5, checkpoint_every=0,
-                         device="cpu", log_every=1000, whitening=whitening)
+                         device="cpu", log_every=1000, whitening=whitening, ring_closure=ring_closure)
     result = training.train(train_trajectories, tmp_path / "ic.pt", cfg, progress=False)
     losses = result.losses
     assert losses.shape == (120,) and np.all(np.isfinite(losses))
@@ -243,10 +245,15 @@ def test_internal_coordinate_training_lowers_loss_with_either_whitening(tmp_path
     assert first.mean() - last.mean() > 5 * se, (first.mean(), last.mean(), se)
     flow = load_model(tmp_path / "ic.pt")
     assert flow.family == "internal-coordinate"
-    assert flow.table.entries == WhiteningTable(whitening_statistics(train_trajectories, source=whitening)).entries
-    assert load_model(tmp_path / "ic.pt").checkpoint_metadata["training"]["config"]["whitening"] == whitening
+    statistics = whitening_statistics(train_trajectories, source=whitening, ring_closure=ring_closure)
+    assert flow.table.entries == WhiteningTable(statistics).entries and flow.ring_closure == ring_closure
+    assert any(k.startswith("r|") for k in flow.table.entries) == (ring_closure == "distance")
+    config = load_model(tmp_path / "ic.pt").checkpoint_metadata["training"]["config"]
+    assert config["whitening"] == whitening and config["ring_closure"] == ring_closure
     with pytest.raises(ValueError, match="whitening must be one of"):
         TrainingConfig(family="internal-coordinate", whitening="amber").validate()
+    with pytest.raises(ValueError, match="ring_closure must be one of"):
+        TrainingConfig(family="internal-coordinate", ring_closure="bond").validate()
 
 
 def test_resume_continues_exactly(tmp_path, train_trajectories):

@@ -13,6 +13,7 @@ import os
 from ..data.splits import load_training_data
 from ..ic_context import NARROW_DIHEDRALS
 from ..ic_statistics import WHITENING_SOURCES
+from ..zmatrix import RING_CLOSURES
 from .config import COUPLINGS, TrainingConfig
 from .loop import train
 from .resume import read_resume_file, resume_path
@@ -24,6 +25,7 @@ _CLI_TO_CONFIG = {
     "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
     "family": "family", "rounds": "rounds", "blocks": "blocks", "bins": "bins",
     "peptides_per_batch": "peptides_per_batch", "narrow_dihedrals": "narrow_dihedrals", "whitening": "whitening",
+    "ring_closure": "ring_closure",
 }
 
 
@@ -52,7 +54,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default: {d.steps})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"frames per step (default: {d.batch_size})")
     parser.add_argument("--layers", type=int, default=None, help=f"EGNN layers (default: {d.n_layers})")
-    parser.add_argument("--hidden", type=int, default=None, help=f"EGNN width (default: {d.hidden})")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help=f"network width: the EGNN's or the internal-coordinate conditioners' (default: {d.hidden})")
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {d.lr})")
     parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps (default: {d.warmup_steps})")
     parser.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay ({d.weight_decay})")
@@ -85,8 +88,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             f"an atanh map onto the line ({d.narrow_dihedrals})")
     group.add_argument("--whitening", choices=list(WHITENING_SOURCES), default=None,
                        help="internal-coordinate: whiten bonds and angles by the training frames' mean and std, or "
-                            f"by the force field's equilibrium values and sqrt(kT/k) ({d.whitening}); ignored with "
-                            "--init-from, which keeps the parent's whitening")
+                            f"by the force field's equilibrium values and sqrt(kT/k) ({d.whitening})")
+    group.add_argument("--ring-closure", choices=list(RING_CLOSURES), default=None,
+                       help="internal-coordinate: parametrise each ring closure by the closing atom's angle or by "
+                            f"the closure bond's length ({d.ring_closure})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -110,11 +115,14 @@ def run_from_cli(args: argparse.Namespace) -> int:
 
         args.init_from = str(DEFAULT_MODEL_PATH)
     if args.init_from is not None:
-        fixed = (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"))
+        fixed = (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"),
+                 ("--rounds", "rounds"), ("--blocks", "blocks"), ("--bins", "bins"),
+                 ("--narrow-dihedrals", "narrow_dihedrals"), ("--whitening", "whitening"),
+                 ("--ring-closure", "ring_closure"))
         clash = [opt for opt, arg in fixed if getattr(args, arg, None) is not None]
         if clash:
             raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
-                             "fixes the architecture and length scale; drop them.")
+                             "fixes the architecture, coordinates, whitening and length scale; drop them.")
     config = config_from_args(args)
     progress = not args.no_progress
     split = None if args.split in ("", "none", "all") else args.split

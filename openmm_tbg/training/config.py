@@ -85,6 +85,9 @@ class TrainingConfig:
         Internal-coordinate flow: where the bond and angle whitening comes from, ``"md"`` (mean and standard
         deviation of the training frames) or ``"force-field"`` (equilibrium value and ``sqrt(kT/k)`` of the
         amber14-all harmonic terms at 310 K); `openmm_tbg.training.likelihood.whitening_statistics`.
+    ring_closure : str
+        Internal-coordinate flow: ``"angle"`` or ``"distance"``, how the Z-matrix parametrises ring closures
+        (`openmm_tbg.zmatrix`).
     """
 
     n_layers: int = 5
@@ -116,6 +119,7 @@ class TrainingConfig:
     peptides_per_batch: int = 8
     narrow_dihedrals: str = "wrapped"
     whitening: str = "md"
+    ring_closure: str = "angle"
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
@@ -163,6 +167,11 @@ class TrainingConfig:
 
         if self.whitening not in WHITENING_SOURCES:
             raise ValueError(f"TrainingConfig.whitening must be one of {WHITENING_SOURCES}, got {self.whitening!r}.")
+        from ..zmatrix import RING_CLOSURES
+
+        if self.ring_closure not in RING_CLOSURES:
+            raise ValueError(f"TrainingConfig.ring_closure must be one of {RING_CLOSURES}, got "
+                             f"{self.ring_closure!r}.")
         if self.coupling not in COUPLINGS:
             raise ValueError(
                 f"Unknown coupling {self.coupling!r}; use one of {', '.join(repr(c) for c in COUPLINGS)}."

@@ -28,7 +28,7 @@ def peptide_bonds(trajectory: Any) -> list[tuple[int, int]]:
 
 
 def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, source: str = "md",
-                         temperature_k: float = 310.0) -> dict:
+                         temperature_k: float = 310.0, ring_closure: str = "angle") -> dict:
     """`WhiteningTable` entries collected from training peptides.
 
     Parameters
@@ -41,6 +41,8 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, so
         peptide weighted by its frames). Dihedrals always come from the MD frames.
     temperature_k : float
         Temperature of ``kT`` for ``source="force-field"``, K (the data set's 310 K).
+    ring_closure : {"angle", "distance"}
+        The Z-matrix rule of the flow these statistics are for (`openmm_tbg.zmatrix`).
     """
     from tqdm.auto import tqdm
 
@@ -56,7 +58,7 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, so
     force_field = WhiteningTable()
     for t in tqdm(trajectories, disable=not progress, desc="internal-coordinate statistics", unit="peptide"):
         bonds = peptide_bonds(t)
-        zm = build_zmatrix(t.encoding, bonds)
+        zm = build_zmatrix(t.encoding, bonds, ring_closure=ring_closure)
         x, ok = canonicalize(torch.as_tensor(t.positions, dtype=torch.float64), zm, twin_swaps(t.encoding, bonds, zm))
         ic = torch.stack(to_internal(x[ok], zm), -1).numpy()
         for c in range(3):
@@ -66,28 +68,29 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, so
             for key, x0, width in force_field_moments(create_system(t.topology), zm, temperature_k):
                 force_field.add_moments(key, x0, width * width, weight)
     if source == "force-field":
-        table.drop_kinds("ba")
+        table.drop_kinds("bar")
         table.entries.update(force_field.entries)
     return table.to_dict()
 
 
 def build_ic_flow(trajectories: Sequence[Any], *, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                   n_blocks: int = 2, n_bins: int = 8, max_residues: int | None = None, seed: int = 0,
-                  statistics: dict | None = None, narrow_dihedrals: str = "wrapped", whitening: str = "md"):
+                  statistics: dict | None = None, narrow_dihedrals: str = "wrapped", whitening: str = "md",
+                  ring_closure: str = "angle"):
     """A fresh `InternalCoordinateFlow` whitened with ``statistics`` or, by default, with those of the training
     data (`whitening_statistics` with ``source=whitening``); weights seeded with ``seed`` without touching the
     caller's global RNG."""
     from ..icflow import InternalCoordinateFlow
 
     if statistics is None:
-        statistics = whitening_statistics(trajectories, source=whitening)
+        statistics = whitening_statistics(trajectories, source=whitening, ring_closure=ring_closure)
     if max_residues is None:
         max_residues = max(int(t.encoding.n_residues) for t in trajectories)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return InternalCoordinateFlow(statistics, n_rounds=n_rounds, hidden=hidden, n_heads=n_heads,
                                       n_blocks=n_blocks, n_bins=n_bins, max_residues=max_residues,
-                                      narrow_dihedrals=narrow_dihedrals)
+                                      narrow_dihedrals=narrow_dihedrals, ring_closure=ring_closure)
 
 
 @dataclass
@@ -115,7 +118,7 @@ class ICTrainingData:
         from tqdm.auto import tqdm
 
         from ..icflow import collate_contexts
-        from ..internal_coordinates import to_internal
+        from ..internal_coordinates import closure_branch_ok, to_internal
         from ..twins import canonicalize
 
         self.peptides: list[_Peptide] = []
@@ -125,7 +128,7 @@ class ICTrainingData:
             x, ok = canonicalize(torch.as_tensor(t.positions, dtype=torch.float64), ctx.zmatrix, ctx.swaps)
             ic = torch.stack(to_internal(x, ctx.zmatrix), -1)
             z, log_det = flow.whiten(ic, collate_contexts([ctx]))
-            ok &= torch.isfinite(z).all(-1).all(-1)
+            ok &= torch.isfinite(z).all(-1).all(-1) & closure_branch_ok(x, ctx.zmatrix)
             if not bool(ok.all()):
                 logger.warning("%s: %d of %d frames have no canonical twin labelling (or lie outside the "
                                "flow's support) and are left out.", t.name, int((~ok).sum()), len(ok))

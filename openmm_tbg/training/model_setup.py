@@ -48,7 +48,7 @@ def build_flow(config: TrainingConfig, length_scale: float, max_residues: int,
         return build_ic_flow(trajectories, n_rounds=config.rounds, hidden=config.hidden, n_blocks=config.blocks,
                              n_bins=config.bins, max_residues=max_residues, seed=config.seed,
                              statistics=statistics, narrow_dihedrals=config.narrow_dihedrals,
-                             whitening=config.whitening)
+                             whitening=config.whitening, ring_closure=config.ring_closure)
     from openmm_tbg.flow import TransferableFlow
     from openmm_tbg.nn.egnn import EGNNVectorField
 
@@ -94,7 +94,7 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
                              f"peptides of {needed}; train a new model instead of starting from this one.")
         adopted = {"family": parent_flow.family, "rounds": pc["n_rounds"], "hidden": pc["hidden"],
                    "blocks": pc["n_blocks"], "bins": pc["n_bins"], "max_residues": pc["max_residues"],
-                   "narrow_dihedrals": parent_flow.narrow_dihedrals}
+                   "narrow_dihedrals": parent_flow.narrow_dihedrals, "ring_closure": parent_flow.ring_closure}
         statistics = pc["statistics"]  # keep the parent's whitening: its weights were trained with it
     else:
         vf_config = getattr(parent_flow.vector_field, "config", None)
