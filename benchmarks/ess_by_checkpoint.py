@@ -6,6 +6,12 @@ model) and prints one row per model: training steps and wall time from the check
 valid fraction and Kish ESS, and each peptide's ESS. With a few thousand proposals an ESS below ~0.5 % rests
 on fewer than 10 effective samples, so single entries are noisy; compare means and trends.
 
+``--md-frames N`` adds a steadier figure: the mean log density of N MD frames per peptide (nats per degree of
+freedom, 3n - 3 per peptide, averaged over the peptides), in the base measure that every model family shares
+(`openmm_tbg.internal_coordinates`). Differences between models are differences of KL(MD || model) per degree
+of freedom, so models with different coordinates (e.g. ``--ring-closure``) compare on it, where their training
+losses do not.
+
 This is a tool for choosing training settings, so it refuses peptides of the data set's test split unless
 ``--allow-test`` is given (for a final report, not for tuning).
 
@@ -42,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--allow-test", action="store_true", help="allow test-split peptides (reports only)")
+    parser.add_argument("--md-frames", type=int, default=0,
+                        help="also report the mean log density of this many MD frames per peptide (0: off)")
     args = parser.parse_args(argv)
     if not args.allow_test:
         try:
@@ -53,25 +61,33 @@ def main(argv=None) -> int:
     header(__file__, dev, samples=args.samples, seed=args.seed, peptides=" ".join(args.peptides))
     molecules = []
     for name in args.peptides:
-        traj = load_peptide(args.data, name, max_frames=1)
-        molecules.append((name, traj.topology, create_system(traj.topology)))
+        traj = load_peptide(args.data, name, max_frames=max(1, args.md_frames))
+        molecules.append((name, traj, create_system(traj.topology)))
     rows = []
     for path in args.models:
         flow = load_model(path)
         meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}).get("training", {})
-        valid, ess, cells = [], [], []
+        valid, ess, cells, md_log_q = [], [], [], []
         start = time.perf_counter()
-        for name, topology, system in molecules:
-            sampler = BoltzmannGeneratorSampler(system, topology, model=flow, seed=args.seed, device=dev)
+        for name, traj, system in molecules:
+            sampler = BoltzmannGeneratorSampler(system, traj.topology, model=flow, seed=args.seed, device=dev)
+            if args.md_frames:
+                lq = sampler.log_prob(traj.positions.astype(np.float64))
+                if not np.all(np.isfinite(lq)):  # counted, never dropped silently
+                    print(f"# {os.path.basename(path)} {name}: {int((~np.isfinite(lq)).sum())} of {len(lq)} MD "
+                          "frames outside the model's support (log q = -inf)")
+                md_log_q.append(np.mean(lq) / (3 * traj.n_atoms - 3))
             result = sampler.sample(args.samples, progress=False)
             valid.append(result.n_valid / args.samples)
             ess.append(result.ess)
             cells.append(f"{100 * result.ess:.2f} ({100 * valid[-1]:.0f})")
         hours = meta.get("wall_time_s", float("nan")) / 3600
+        md_cell = [f"{np.mean(md_log_q):.4f}"] if args.md_frames else []
         rows.append([os.path.basename(path), meta.get("steps", "?"), f"{hours:.2f}",
-                     f"{100 * np.mean(valid):.1f}", f"{100 * np.mean(ess):.2f}", *cells,
+                     f"{100 * np.mean(valid):.1f}", f"{100 * np.mean(ess):.2f}", *md_cell, *cells,
                      f"{time.perf_counter() - start:.0f}"])
-    markdown_table(["model", "steps", "training h", "valid %", "mean ESS %",
+    md_title = ["MD log q per DOF"] if args.md_frames else []
+    markdown_table(["model", "steps", "training h", "valid %", "mean ESS %", *md_title,
                     *[f"{n} ESS % (valid %)" for n in args.peptides], "wall s"], rows)
     return 0
 
