@@ -323,6 +323,38 @@ def test_init_from_continues_a_saved_model(tmp_path, train_trajectories):
         training.train(train_trajectories, tmp_path / "x.pt", child_cfg, progress=False, init_from=broken)
 
 
+def test_init_from_converts_angle_closures_to_closure_distances(tmp_path, train_trajectories):
+    """`--init-from MODEL --ring-closure distance`: the parent's weights carry over, the closure distances get
+    whitening entries, and the closing atoms' new role tokens start as the ones they replace."""
+    from openmm_tbg.checkpoint import load_model
+
+    cfg = dict(family="internal-coordinate", rounds=1, hidden=16, blocks=1, bins=4, batch_size=8,
+               peptides_per_batch=2, warmup_steps=0, checkpoint_every=0, device="cpu", log_every=1000)
+    parent = training.train(train_trajectories, tmp_path / "parent.pt", TrainingConfig(steps=2, **cfg),
+                            progress=False)
+    assert parent.flow.ring_closure == "angle" and parent.config.ring_closure == "angle"
+    child = training.train(train_trajectories, tmp_path / "child.pt",
+                           TrainingConfig(steps=1, lr=1e-12, ring_closure="distance", **cfg), progress=False,
+                           init_from=tmp_path / "parent.pt")
+    flow = load_model(tmp_path / "child.pt")
+    assert flow.ring_closure == "distance"
+    assert any(k.startswith("r|PRO:CG") for k in flow.table.entries)  # GP's proline ring
+    assert all(flow.table.entries[k] == v for k, v in parent.flow.table.entries.items())
+    roles = sum(flow._vocab[:3])
+    w_parent, w_child = parent.flow.embedding.weight, flow.embedding.weight
+    torch.testing.assert_close(w_child[:, roles + 4], w_parent[:, roles + 3], rtol=0, atol=1e-9)
+    torch.testing.assert_close(w_child[:, roles + 5], w_parent[:, roles + 7], rtol=0, atol=1e-9)
+    torch.testing.assert_close(w_child[:, :roles + 4], w_parent[:, :roles + 4], rtol=0, atol=1e-9)
+    assert child.config.ring_closure == "distance"
+    # Without --ring-closure the parent's rule is adopted; a converted model cannot be converted back.
+    again = training.train(train_trajectories, tmp_path / "again.pt", TrainingConfig(steps=1, **cfg),
+                           progress=False, init_from=tmp_path / "child.pt")
+    assert again.flow.ring_closure == "distance"
+    with pytest.raises(ValueError, match="Only a model with angle closures"):
+        training.train(train_trajectories, tmp_path / "back.pt", TrainingConfig(steps=1, ring_closure="angle", **cfg),
+                       progress=False, init_from=tmp_path / "child.pt")
+
+
 def test_cli_train(fixture_dir, tmp_path):
     from openmm_tbg.checkpoint import load_model
 

@@ -91,7 +91,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             f"by the force field's equilibrium values and sqrt(kT/k) ({d.whitening})")
     group.add_argument("--ring-closure", choices=list(RING_CLOSURES), default=None,
                        help="internal-coordinate: parametrise each ring closure by the closing atom's angle or by "
-                            f"the closure bond's length ({d.ring_closure})")
+                            "the closure bond's length (default: angle, or the --init-from model's; with "
+                            "--init-from, 'distance' converts a model with angle closures)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -117,8 +118,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     if args.init_from is not None:
         fixed = (("--layers", "layers"), ("--hidden", "hidden"), ("--length-scale", "length_scale"),
                  ("--rounds", "rounds"), ("--blocks", "blocks"), ("--bins", "bins"),
-                 ("--narrow-dihedrals", "narrow_dihedrals"), ("--whitening", "whitening"),
-                 ("--ring-closure", "ring_closure"))
+                 ("--narrow-dihedrals", "narrow_dihedrals"), ("--whitening", "whitening"))
         clash = [opt for opt, arg in fixed if getattr(args, arg, None) is not None]
         if clash:
             raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "

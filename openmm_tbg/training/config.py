@@ -85,9 +85,10 @@ class TrainingConfig:
         Internal-coordinate flow: where the bond and angle whitening comes from, ``"md"`` (mean and standard
         deviation of the training frames) or ``"force-field"`` (equilibrium value and ``sqrt(kT/k)`` of the
         amber14-all harmonic terms at 310 K); `openmm_tbg.training.likelihood.whitening_statistics`.
-    ring_closure : str
+    ring_closure : str or None
         Internal-coordinate flow: ``"angle"`` or ``"distance"``, how the Z-matrix parametrises ring closures
-        (`openmm_tbg.zmatrix`).
+        (`openmm_tbg.zmatrix`). None: ``"angle"`` for a new model, the parent's with ``init_from``; a parent
+        with angle closures given ``"distance"`` is converted (`convert_to_closure_distances`).
     """
 
     n_layers: int = 5
@@ -119,7 +120,7 @@ class TrainingConfig:
     peptides_per_batch: int = 8
     narrow_dihedrals: str = "wrapped"
     whitening: str = "md"
-    ring_closure: str = "angle"
+    ring_closure: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
@@ -169,7 +170,7 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.whitening must be one of {WHITENING_SOURCES}, got {self.whitening!r}.")
         from ..zmatrix import RING_CLOSURES
 
-        if self.ring_closure not in RING_CLOSURES:
+        if self.ring_closure is not None and self.ring_closure not in RING_CLOSURES:
             raise ValueError(f"TrainingConfig.ring_closure must be one of {RING_CLOSURES}, got "
                              f"{self.ring_closure!r}.")
         if self.coupling not in COUPLINGS:

@@ -138,6 +138,8 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
             logger.info("Estimated length scale %.4f nm (RMS of centred coordinates).", config.length_scale)
     if config.max_residues is None:
         config.max_residues = max(int(t.encoding.n_residues) for t in trajectories)
+    if config.family == "internal-coordinate" and config.ring_closure is None:
+        config.ring_closure = "angle"  # a new model (a parent's rule was adopted above); recorded in the metadata
     np_rng, gen = make_generators(config.seed, dist_info.rank)
     flow = initial_flow(config, init_state, trajectories, statistics)
     if config.family == "egnn-cnf":

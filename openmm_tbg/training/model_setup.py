@@ -48,7 +48,7 @@ def build_flow(config: TrainingConfig, length_scale: float, max_residues: int,
         return build_ic_flow(trajectories, n_rounds=config.rounds, hidden=config.hidden, n_blocks=config.blocks,
                              n_bins=config.bins, max_residues=max_residues, seed=config.seed,
                              statistics=statistics, narrow_dihedrals=config.narrow_dihedrals,
-                             whitening=config.whitening, ring_closure=config.ring_closure)
+                             whitening=config.whitening, ring_closure=config.ring_closure or "angle")
     from openmm_tbg.flow import TransferableFlow
     from openmm_tbg.nn.egnn import EGNNVectorField
 
@@ -94,8 +94,12 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
                              f"peptides of {needed}; train a new model instead of starting from this one.")
         adopted = {"family": parent_flow.family, "rounds": pc["n_rounds"], "hidden": pc["hidden"],
                    "blocks": pc["n_blocks"], "bins": pc["n_bins"], "max_residues": pc["max_residues"],
-                   "narrow_dihedrals": parent_flow.narrow_dihedrals, "ring_closure": parent_flow.ring_closure}
+                   "narrow_dihedrals": parent_flow.narrow_dihedrals}
         statistics = pc["statistics"]  # keep the parent's whitening: its weights were trained with it
+        if config.ring_closure is None or config.ring_closure == parent_flow.ring_closure:
+            config.ring_closure = parent_flow.ring_closure
+        else:
+            parent_flow, statistics = convert_to_closure_distances(parent_flow, config.ring_closure, trajectories)
     else:
         vf_config = getattr(parent_flow.vector_field, "config", None)
         if not isinstance(vf_config, dict) or "n_layers" not in vf_config:
@@ -125,6 +129,46 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
     }
     state = {k: v.detach().clone() for k, v in trainable_module(parent_flow).state_dict().items()}
     return parent, state, statistics
+
+
+def convert_to_closure_distances(flow, ring_closure: str, trajectories: Sequence[Any]):
+    """An internal-coordinate flow with angle closures turned into one with closure distances, as a start
+    for fine-tuning (``--init-from MODEL --ring-closure distance``).
+
+    The weights are kept. The closure distance of each ring takes the place of its closing angle, which it
+    follows monotonically (`openmm_tbg.zmatrix`), so the conditioners see a similar whitened input there; its
+    whitening comes from ``trajectories``, and the new role tokens of closing atoms (4, 5) start as copies of
+    the tokens they had (3, 7). The converted flow's density is not the parent's: train it.
+
+    Returns
+    -------
+    flow : InternalCoordinateFlow
+    statistics : dict
+        The parent's whitening table plus the closure distances' entries.
+    """
+    from openmm_tbg.icflow import InternalCoordinateFlow
+
+    from .likelihood import whitening_statistics
+
+    if flow.ring_closure != "angle" or ring_closure != "distance":
+        raise ValueError(f"Only a model with angle closures can be converted to closure distances (the parent has "
+                         f"{flow.ring_closure!r}, {ring_closure!r} was asked for); train a new model instead.")
+    extra = whitening_statistics(trajectories, ring_closure="distance")
+    statistics = dict(flow.config["statistics"])
+    statistics.update({k: v for k, v in extra.items() if k.startswith("r|")})
+    config = {k: v for k, v in flow.config.items() if k not in ("statistics", "dtype")}
+    converted = InternalCoordinateFlow(statistics, **config, ring_closure="distance").to(flow.dtype)
+    state = flow.state_dict()
+    weight = state["embedding.weight"].clone()
+    roles = sum(flow._vocab[:3])  # the role block of the concatenated one-hot tokens
+    weight[:, roles + 4] = weight[:, roles + 3]
+    weight[:, roles + 5] = weight[:, roles + 7]
+    converted.load_state_dict({**state, "embedding.weight": weight})
+    converted.checkpoint_path, converted.checkpoint_sha256 = flow.checkpoint_path, flow.checkpoint_sha256
+    converted.checkpoint_metadata = flow.checkpoint_metadata
+    logger.info("Converted the parent to closure distances: %d closure-distance keys added from the training "
+                "data.", sum(k.startswith("r|") for k in extra))
+    return converted, statistics
 
 
 def flow_for_saving(flow: torch.nn.Module, vector_field: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
