@@ -16,10 +16,12 @@ this script uses 8 and says when it refills the buffer.
 
 Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
 training, test suites) shared; the load average is given with each figure:
-- defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8): 91 s wall clock, 39 s user CPU, peak
-  memory (maximum resident set) 0.44 GB, load 2-3 (2026-12-02, the 6000-step default model); TBGMove accepted 54
-  of 200 proposals (the 3000-step model: 43 of 200, 100 s, 0.44 GB, load 0.6-2.1). ``--sequence NY``: 2 of 200,
-  125 s, 0.45 GB; ``--sequence KQ``: 10 of 200, 129 s, 0.45 GB.
+- defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8), the 12000-step default model, 2026-12-02,
+  nothing else running (load ~1.2): TBGMove accepted 63 of 200 proposals; 3 min 25 s wall clock, of which 55 s
+  user and 125 s system CPU, peak memory (maximum resident set) 0.44 GB. ``--sequence NY``: 3 of 200, 3 min 53 s,
+  0.45 GB; ``--sequence KQ``: 7 of 200, 3 min 39 s, 0.45 GB. On that day's earlier VM (another CPU model) the
+  6000-step model took 91 s (AA, 54 of 200 accepted; 39 s user CPU, load 2-3), 125 s (NY, 2 of 200) and 129 s
+  (KQ, 10 of 200); the system time of the later runs was not investigated.
 - ``--model egnn-cnf --iterations 16``: 93 s wall clock (88 s for the iterations: each buffer
   refill of 8 about 29 s, each valid move about 2.5 s for the current state's log density), peak memory
   1.4 GB, load 1.0-1.5. With two torch threads under a load of 3.3-5.5 the same run took
