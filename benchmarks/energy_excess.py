@@ -10,9 +10,9 @@ The CNF's samples are drawn positions-only (no divergence), which is 10-20x chea
 positions. A second table splits the bonds and angles by their place in the internal-coordinate Z-matrix: bonds
 and angles that are Z-matrix coordinates (the flow models them directly), ring-closure bonds and the angles
 that contain one (set by the coordinates of both ring arms), and the other angles (implied by an angle and an
-improper dihedral at a branch centre). ``--shuffle`` adds the "MD with shuffled bonds and angles" reference: MD frames whose bond lengths and
-angles are each permuted independently across frames (marginals kept, correlations broken) and rebuilt along
-the internal-coordinate Z-matrix.
+improper dihedral at a branch centre). ``--shuffle`` adds the "MD with shuffled bonds and angles" reference:
+MD frames whose bond lengths and angles are each permuted independently across frames (marginals kept,
+correlations broken) and rebuilt along the internal-coordinate Z-matrix.
 
     python benchmarks/energy_excess.py --model openmm_tbg/models/ic_dipeptides.pt --peptides AA NY --samples 64
 """
@@ -72,17 +72,14 @@ def bonded_split(system, zmatrix, positions_nm: np.ndarray, temperature: float =
     import openmm
 
     from openmm_tbg.energy import MOLAR_GAS_CONSTANT
-    from openmm_tbg.internal_coordinates import to_internal
 
     kT = MOLAR_GAS_CONSTANT * temperature
     closures = {frozenset(map(int, c)) for c in zmatrix.ring_closures}
-    zbonds, zangles = set(), set()
-    for p in range(1, zmatrix.n_atoms):
+    zangles = set()  # bonds need no such set: every bond is a Z-matrix bond or a ring closure
+    for p in range(2, zmatrix.n_atoms):
         i, (j, k, _) = int(zmatrix.order[p]), (int(r) for r in zmatrix.refs[p])
-        zbonds.add(frozenset((i, j)))
-        if p >= 2:
-            zangles.add((i, j, k))
-            zangles.add((k, j, i))
+        zangles.add((i, j, k))
+        zangles.add((k, j, i))
     x = np.asarray(positions_nm, dtype=np.float64)
     out = {key: np.zeros(len(x)) for key in ("bonds: z-matrix", "bonds: ring closure", "angles: z-matrix",
                                               "angles: ring closure", "angles: implied")}
@@ -187,9 +184,8 @@ def main(argv=None) -> None:
             # The split must add up to OpenMM's own bond and angle energies (same positions, same terms).
             for term, parts in (("bonds", split_keys[:2]), ("angles", split_keys[2:])):
                 np.testing.assert_allclose(sum(split[k] for k in parts), e[term], rtol=1e-4, atol=1e-3)
-            counts = [len(zm.ring_closures)]
-            split_table.append([name, label, f"{counts[0]}", *(f"{np.median(split[k]) - md_split[k]:+.1f}"
-                                                              for k in split_keys)])
+            split_table.append([name, label, f"{len(zm.ring_closures)}",
+                                *(f"{np.median(split[k]) - md_split[k]:+.1f}" for k in split_keys)])
     print("median per-term reduced energy of the samples minus that of MD frames (kT, 310 K)")
     markdown_table(titles, table)
     print()

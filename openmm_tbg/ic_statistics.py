@@ -67,9 +67,13 @@ class WhiteningTable:
                 stats = [len(v), float(np.cos(v).sum()), float(np.sin(v).sum())]
             else:
                 stats = [len(v), float(v.sum()), float((v * v).sum())]
-            for k in (key, generic_key(key)):
-                old = self.entries.get(k, [0.0, 0.0, 0.0])
-                self.entries[k] = [a + b for a, b in zip(old, stats)]
+            self._accumulate(key, stats)
+
+    def _accumulate(self, key: str, stats: list[float]) -> None:
+        """Add ``[count, sum, sum of squares]`` (or circular sums) to ``key`` and to its generic key."""
+        for k in (key, generic_key(key)):
+            old = self.entries.get(k, [0.0, 0.0, 0.0])
+            self.entries[k] = [a + b for a, b in zip(old, stats)]
 
     def add_moments(self, key: str, mean: float, variance: float, weight: float) -> None:
         """Add a bond or angle ``key`` whose values have ``mean`` and ``variance``, counted ``weight`` times
@@ -78,10 +82,7 @@ class WhiteningTable:
             raise ValueError(f"add_moments takes bond, angle and closure-distance keys only, got {key!r}.")
         if not weight > 1:
             raise ValueError(f"add_moments needs a weight above 1 (lookup ignores single counts), got {weight!r}.")
-        stats = [float(weight), weight * mean, weight * (mean * mean + variance)]
-        for k in (key, generic_key(key)):
-            old = self.entries.get(k, [0.0, 0.0, 0.0])
-            self.entries[k] = [a + b for a, b in zip(old, stats)]
+        self._accumulate(key, [float(weight), weight * mean, weight * (mean * mean + variance)])
 
     def drop_kinds(self, kinds: str) -> None:
         """Remove every entry of the given kinds (``"bar"``: bonds, angles and closure distances)."""
@@ -140,7 +141,9 @@ def force_field_moments(system, zmatrix, temperature_k: float) -> list[tuple[str
     """
     import openmm
 
-    kt = 0.00831446261815324 * float(temperature_k)  # kJ/mol
+    from .energy import MOLAR_GAS_CONSTANT
+
+    kt = MOLAR_GAS_CONSTANT * float(temperature_k)  # kJ/mol
     bonds, angles = {}, {}
     for force in system.getForces():
         if isinstance(force, openmm.HarmonicBondForce):

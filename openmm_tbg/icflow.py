@@ -36,6 +36,7 @@ from .internal_coordinates import closure_branch_ok, from_internal, log_jacobian
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
 from .twins import apply_swaps, canonical_masks
+from .zmatrix import RING_CLOSURES
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ class InternalCoordinateFlow(nn.Module):
                  n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8,
                  narrow_dihedrals: str = "wrapped", ring_closure: str = "angle"):
         super().__init__()
-        from .zmatrix import RING_CLOSURES
-
         from .encoding import ATOM_NAME_CLASSES
 
         n_atom_classes = len(ATOM_NAME_CLASSES) if n_atom_classes is None else int(n_atom_classes)
@@ -424,8 +423,6 @@ class InternalCoordinateFlow(nn.Module):
                 positions = from_internal(bonds, angles, dihedrals, context.zmatrix)
             positions = positions.to(bonds)
             ok &= closure_branch_ok(positions, context.zmatrix)
-        else:
-            positions = None
         log_q = (self.log_prob_whitened(z, batch) + log_det_white
                  + log_jacobian(bonds, angles, context.zmatrix, positions=positions))
         return torch.where(ok, log_q, torch.full_like(log_q, -math.inf))
