@@ -330,14 +330,17 @@ def test_init_from_converts_angle_closures_to_closure_distances(tmp_path, train_
 
     cfg = dict(family="internal-coordinate", rounds=1, hidden=16, blocks=1, bins=4, batch_size=8,
                peptides_per_batch=2, warmup_steps=0, checkpoint_every=0, device="cpu", log_every=1000)
-    parent = training.train(train_trajectories, tmp_path / "parent.pt", TrainingConfig(steps=2, **cfg),
-                            progress=False)
+    parent = training.train(train_trajectories, tmp_path / "parent.pt",
+                            TrainingConfig(steps=2, whitening="force-field", **cfg), progress=False)
     assert parent.flow.ring_closure == "angle" and parent.config.ring_closure == "angle"
     child = training.train(train_trajectories, tmp_path / "child.pt",
                            TrainingConfig(steps=1, lr=1e-12, ring_closure="distance", **cfg), progress=False,
                            init_from=tmp_path / "parent.pt")
     flow = load_model(tmp_path / "child.pt")
     assert flow.ring_closure == "distance"
+    # The child keeps the parent's whitening table, so its metadata names the parent's source.
+    assert child.config.whitening == "force-field"
+    assert flow.checkpoint_metadata["training"]["config"]["whitening"] == "force-field"
     assert any(k.startswith("r|PRO:CG") for k in flow.table.entries)  # GP's proline ring
     assert all(flow.table.entries[k] == v for k, v in parent.flow.table.entries.items())
     roles = sum(flow._vocab[:3])

@@ -96,6 +96,9 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
                    "blocks": pc["n_blocks"], "bins": pc["n_bins"], "max_residues": pc["max_residues"],
                    "narrow_dihedrals": parent_flow.narrow_dihedrals}
         statistics = pc["statistics"]  # keep the parent's whitening: its weights were trained with it
+        # ... and record where it came from (files from before the whitening option recorded nothing: "md").
+        parent_config = ((parent_flow.checkpoint_metadata or {}).get("training") or {}).get("config") or {}
+        adopted["whitening"] = parent_config.get("whitening", "md")
         if config.ring_closure is None or config.ring_closure == parent_flow.ring_closure:
             config.ring_closure = parent_flow.ring_closure
         else:
