@@ -36,7 +36,7 @@ USER_ERROR_TYPES = (ValueError, TypeError, FileNotFoundError, FileExistsError, I
 #: Subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("openmm_tbg.data", "generate MD training data (XY.pdb + XY.npz) with OpenMM"),
-    "train": ("openmm_tbg.training", "train a transferable flow by flow matching"),
+    "train": ("openmm_tbg.training", "train a transferable flow (flow matching or maximum likelihood)"),
     "sample": ("openmm_tbg.sample_command", "draw Boltzmann-generator samples for a peptide"),
     "evaluate": ("openmm_tbg.evaluation", "evaluate a model against MD (ESS, W2, Ramachandran)"),
 }

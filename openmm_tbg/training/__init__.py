@@ -1,7 +1,9 @@
-"""Conditional flow matching for the transferable flow (``openmm-tbg train``).
+"""Training of the transferable flows (``openmm-tbg train``).
 
-Trains the EGNN vector field of a :class:`~openmm_tbg.flow.TransferableFlow` on mixed-peptide batches of MD
-frames by conditional flow matching (Lipman et al. 2023; Tong et al. 2023; Klein, Kraemer and Noe 2023):
+An internal-coordinate flow (``--family internal-coordinate``) trains by maximum likelihood on MD frames
+(:mod:`.likelihood`). The EGNN CNF (``--family egnn-cnf``) trains by conditional flow matching: this trains the
+EGNN vector field of a :class:`~openmm_tbg.flow.TransferableFlow` on mixed-peptide batches of MD
+frames (Lipman et al. 2023; Tong et al. 2023; Klein, Kraemer and Noe 2023):
 
     x_t = (1 - t) x0 + t x1 + sigma eps,    target u_t = x1 - x0,    loss = |v(t, x_t) - u_t|^2 (real atoms)
 
