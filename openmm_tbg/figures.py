@@ -32,7 +32,7 @@ DYNAMIC_RANGE = 1e4
 
 
 def backbone_torsion_pairs(positions_nm: np.ndarray, topology) -> tuple[np.ndarray, list[str]]:
-    """Backbone (phi, psi) pairs in degrees, computed with ``mdtraj.compute_phi`` / ``compute_psi``.
+    """Backbone (phi, psi) pairs in degrees, from `openmm_tbg.evaluation.torsions.backbone_torsions` (mdtraj).
 
     A dipeptide has phi only on residue 2 and psi only on residue 1; that pair is its Ramachandran angle pair
     (as in TBG). A longer peptide gives one pair per interior residue (residues 2 .. L-1).
@@ -57,30 +57,18 @@ def backbone_torsion_pairs(positions_nm: np.ndarray, topology) -> tuple[np.ndarr
     """
     import mdtraj
 
+    from .evaluation.torsions import backbone_torsions  # lazy: the evaluation package imports this module
+
     top = topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
-    x = np.asarray(positions_nm, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1:] != (top.n_atoms, 3):
-        raise ValueError(f"positions must have shape (n_frames, {top.n_atoms}, 3) in nm for this topology, got "
-                         f"{x.shape}.")
-    traj = mdtraj.Trajectory(x, top)
-    phi_idx, phi = mdtraj.compute_phi(traj)
-    psi_idx, psi = mdtraj.compute_psi(traj)
-    if phi.shape[1] == 0 or psi.shape[1] == 0:
-        raise ValueError(f"The topology has no backbone phi/psi torsions ({top.n_residues} residue(s)); a "
-                         "Ramachandran plot needs a peptide of at least two amino acids.")
-
-    def residue(atom_index: int) -> str:
-        r = top.atom(int(atom_index)).residue
-        return f"{r.name}{r.resSeq}"
-
-    phi_res = [residue(q[1]) for q in phi_idx]  # N of the residue the phi belongs to
-    psi_res = [residue(q[1]) for q in psi_idx]  # CA
-    if phi.shape[1] == 1 and psi.shape[1] == 1:
+    phi, psi = backbone_torsions(np.asarray(positions_nm), top)  # checks the shape; radians, chain order
+    # backbone_torsions' convention: phi[:, k] belongs to residue k + 2 and psi[:, k] to residue k + 1 (1-based).
+    residues = [f"{r.name}{r.resSeq}" for r in top.residues]
+    if phi.shape[1] == 1:
         pairs = np.stack([phi[:, 0], psi[:, 0]], axis=-1)[:, None, :]
-        labels = [f"phi {phi_res[0]} / psi {psi_res[0]}"]
-    else:  # phi[:, k] is on residue k + 2 and psi[:, k] on residue k + 1: interior residue j: phi[j-2], psi[j-1]
+        labels = [f"phi {residues[1]} / psi {residues[0]}"]
+    else:  # interior residue j (1-based) pairs phi[:, j - 2] with psi[:, j - 1]
         pairs = np.stack([phi[:, :-1], psi[:, 1:]], axis=-1)
-        labels = [f"phi/psi {phi_res[k]}" for k in range(phi.shape[1] - 1)]
+        labels = [f"phi/psi {residues[k + 1]}" for k in range(phi.shape[1] - 1)]
     return np.degrees(pairs.astype(np.float64)), labels
 
 
