@@ -14,14 +14,16 @@ this script uses 8 and says when it refills the buffer.
     python examples/hybrid_md_bg.py                                          # 200 iterations, default model
     python examples/hybrid_md_bg.py --model egnn-cnf --iterations 16         # the CNF, about 1.5 min
 
-Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
-training, test suites) shared; the load average is given with each figure:
-- defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8), the 12000-step default model, 2026-12-02,
-  nothing else running (load ~1.2): TBGMove accepted 63 of 200 proposals; 3 min 25 s wall clock, of which 55 s
-  user and 125 s system CPU, peak memory (maximum resident set) 0.44 GB. ``--sequence NY``: 3 of 200, 3 min 53 s,
-  0.45 GB; ``--sequence KQ``: 7 of 200, 3 min 39 s, 0.45 GB. On that day's earlier VM (another CPU model) the
-  6000-step model took 91 s (AA, 54 of 200 accepted; 39 s user CPU, load 2-3), 125 s (NY, 2 of 200) and 129 s
-  (KQ, 10 of 200); the system time of the later runs was not investigated.
+Cost, measured with ``/usr/bin/time`` on the 2-core CPU VM, which other jobs (model training, test suites)
+sometimes shared; the load is given with each figure:
+- defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8, Langevin moves on OpenMM's CPU platform with
+  one thread), the 12000-step default model, 2026-12-02 (AMD EPYC): AA accepted 63 of 200 proposals, 200
+  iterations in 57 s (67 s wall clock, 39 s user and 25 s system CPU, peak memory 0.44 GB), while a one-thread
+  benchmark ran on the other core. With ``--md-threads 0`` (OpenMM's default: every core) the same run took
+  87 s for the iterations (96 s wall, 48 s system CPU): OpenMM's threads synchronise every step, which costs more
+  than it saves for a few dozen atoms. Nothing else running: ``--sequence NY`` 3 of 200 accepted, 87 s
+  (95 s wall, 0.45 GB); ``--sequence KQ`` 9 of 200, 108 s (116 s wall, 0.45 GB). The OpenMM random streams of the
+  Langevin moves are not seeded, so acceptance counts vary between runs (AA: 53-63 of 200 in the runs above).
 - ``--model egnn-cnf --iterations 16``: 93 s wall clock (88 s for the iterations: each buffer
   refill of 8 about 29 s, each valid move about 2.5 s for the current state's log density), peak memory
   1.4 GB, load 1.0-1.5. With two torch threads under a load of 3.3-5.5 the same run took
