@@ -14,8 +14,9 @@ this script uses 8 and says when it refills the buffer.
     python examples/hybrid_md_bg.py                                          # 200 iterations, default model
     python examples/hybrid_md_bg.py --model egnn-cnf --iterations 16         # the CNF, about 1.5 min
 
-Cost, measured with ``/usr/bin/time`` on the 2-core CPU VM, which other jobs (model training, test suites)
-sometimes shared; the load is given with each figure:
+Cost, measured with ``/usr/bin/time -v`` (the 2026-12-02 AMD EPYC runs with ``/usr/bin/time -f`` and the same
+fields: wall clock, user and system CPU, maximum resident set) on the 2-core CPU VM, which other jobs (model
+training, test suites) sometimes shared; the load is given with each figure:
 - defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8, Langevin moves on OpenMM's CPU platform with
   one thread), the 12000-step default model, 2026-12-02 (AMD EPYC): AA accepted 63 of 200 proposals, 200
   iterations in 57 s (67 s wall clock, 39 s user and 25 s system CPU, peak memory 0.44 GB), while a one-thread
