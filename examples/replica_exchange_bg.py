@@ -21,6 +21,10 @@ Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, 
 training, test suites) shared; the load average is given with each figure:
 - defaults (4 replicas, 50 iterations of 250 MD steps + one TBGMove each, buffer 2): 46 s wall clock (40 s for the
   iterations), peak memory (maximum resident set) 0.49 GB, load 2.1-2.6; ``--resume`` (50 more) 70 s, 0.49 GB.
+  On 2026-12-02 (AMD EPYC, nothing else running, ``/usr/bin/time -f`` with the fields of ``-v``), after the
+  Langevin moves and energies moved to one OpenMM CPU thread (``--md-threads``, default 1): 64 s wall clock and
+  0.49 GB (a second run: 83 s for the iterations), ``--resume`` 76 s for the iterations; with ``--md-threads 0``
+  (OpenMM's default, every core) 94 s wall clock, 39 s of it system CPU, and ``--resume`` 104 s.
 - ``--model egnn-cnf --iterations 2``: 55 s wall clock (40 s in the first iteration, which fills every buffer),
   0.76 GB, load 1.0-1.3; ``--resume`` 43 s (38 s refilling). With two torch threads under a load of 4.6-6.3,
   4 iterations took 11 min (1.0 GB) and their --resume 12 min, 7.5 of them in the first iteration.
@@ -36,7 +40,7 @@ import numpy as np
 import openmm
 import torch
 from openmm import unit
-from openmmtools import mcmc, multistate, states
+from openmmtools import cache, mcmc, multistate, states
 
 from openmm_tbg import BoltzmannGeneratorSampler, TBGMove, build_peptide
 
@@ -57,6 +61,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ode-method", default="dopri5")
     parser.add_argument("--step-size", type=float, default=None)
+    parser.add_argument("--md-platform", default="CPU", help="OpenMM platform of the Langevin moves and energies "
+                                                            "(default CPU)")
+    parser.add_argument("--md-threads", type=int, default=1,
+                        help="threads of the CPU platform (default 1; 0: OpenMM's default, every core)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
                              "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
@@ -94,6 +102,13 @@ def main(argv=None) -> int:
         reporter = multistate.MultiStateReporter(args.storage, checkpoint_interval=1)
         simulation.create(thermodynamic_states=thermodynamic_states, sampler_states=[start], storage=reporter)
         advance = simulation.run
+
+    # OpenMM's CPU platform would use every core; for a peptide of a few dozen atoms its threads cost more in
+    # synchronisation than they save (examples/hybrid_md_bg.py has the measurement).
+    platform = openmm.Platform.getPlatformByName(args.md_platform)
+    properties = {"Threads": str(args.md_threads)} if args.md_platform == "CPU" and args.md_threads else None
+    simulation.sampler_context_cache = cache.ContextCache(platform=platform, platform_properties=properties)
+    simulation.energy_context_cache = cache.ContextCache(platform=platform, platform_properties=properties)
 
     n_replicas = len(args.temperatures) if not args.resume else simulation.n_replicas
     clock = time.perf_counter()
