@@ -82,6 +82,8 @@ def main(argv=None) -> int:
                         help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
                              "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
+    if args.md_threads < 0:
+        parser.error(f"--md-threads must be 0 (OpenMM's default) or a positive number, got {args.md_threads}.")
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)
 
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     thermodynamic_state = states.ThermodynamicState(peptide.system, 310 * unit.kelvin)
     sampler_state = states.SamplerState(peptide.positions)
     # OpenMM's CPU platform would use every core; for a peptide of a few dozen atoms its threads cost more in
-    # synchronisation than they save (AA, 10000 Langevin steps on the 2-core VM: 4.9 s with 1 thread, 7.9 s with 2).
+    # synchronisation than they save (the docstring has the measurement).
     platform = openmm.Platform.getPlatformByName(args.md_platform)
     properties = {"Threads": str(args.md_threads)} if args.md_platform == "CPU" and args.md_threads else None
     context_cache = cache.ContextCache(platform=platform, platform_properties=properties)

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
                         help="torch CPU threads (default 1: on the shared 2-core VM, 8 CNF samples of AA took 93 s "
                              "with 1 thread and 363 s with 2, whose threads spin while waiting for a core)")
     args = parser.parse_args(argv)
+    if args.md_threads < 0:
+        parser.error(f"--md-threads must be 0 (OpenMM's default) or a positive number, got {args.md_threads}.")
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)
 
