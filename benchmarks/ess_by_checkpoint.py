@@ -12,6 +12,11 @@ freedom, 3n - 3 per peptide, averaged over the peptides), in the base measure th
 of freedom, so models with different coordinates (e.g. ``--ring-closure``) compare on it, where their training
 losses do not.
 
+``--unseen-pairs`` (internal-coordinate models) measures transfer on train peptides: each peptide is whitened
+as if no training peptide had had its pair of amino acids, i.e. the table entries of its coordinates that span
+both residues are taken out (and out of the pooled entries they were added to), so those coordinates fall back
+as they do for an unseen peptide (`openmm_tbg.ic_statistics`). The network itself did see these peptides.
+
 This is a tool for choosing training settings, so it refuses peptides of the data set's test split unless
 ``--allow-test`` is given (for a final report, not for tuning).
 
@@ -37,6 +42,29 @@ from openmm_tbg.peptides import create_system
 DEFAULT_PEPTIDES = ("AD", "KE", "PW", "VL", "FS", "MR")  # train split: charged, Pro, branched, aromatic, long
 
 
+def without_pair_keys(flow, topology):
+    """A copy of an internal-coordinate ``flow`` whose whitening table lacks the keys of ``topology`` that span
+    two residues; their statistics are also subtracted from the amino-acid-free entries they were added to."""
+    import copy
+
+    from openmm_tbg.encoding import encode_topology
+    from openmm_tbg.ic_statistics import WhiteningTable, generic_key
+
+    if flow.family != "internal-coordinate":
+        raise SystemExit("--unseen-pairs needs internal-coordinate models (the CNF has no whitening table).")
+    bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    keys = {k for ks in flow.condition(encode_topology(topology), bonds).zmatrix.keys for k in ks
+            if k and len({a.rsplit(":", 1)[-1] for a in k.split("|")[1:]}) > 1}
+    entries = {k: list(v) for k, v in flow.table.entries.items()}
+    for key in keys & set(entries):
+        stats = entries.pop(key)
+        g = generic_key(key)
+        entries[g] = [a - b for a, b in zip(entries[g], stats)]
+    out = copy.deepcopy(flow)
+    out.table = WhiteningTable(entries)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="model files (checkpoints of one run)")
@@ -48,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     parser.add_argument("--allow-test", action="store_true", help="allow test-split peptides (reports only)")
+    parser.add_argument("--unseen-pairs", action="store_true",
+                        help="whiten each peptide as if its pair of amino acids had not been in training")
     parser.add_argument("--md-frames", type=int, default=0,
                         help="also report the mean log density of this many MD frames per peptide (0: off)")
     args = parser.parse_args(argv)
@@ -58,7 +88,8 @@ def main(argv=None) -> int:
             parser.error(f"{exc} This benchmark compares training settings, so it is run on train peptides; pass "
                          "--allow-test only to report on a finished model.")
     dev = pick_device("cpu", args.threads)
-    header(__file__, dev, samples=args.samples, seed=args.seed, peptides=" ".join(args.peptides))
+    header(__file__, dev, samples=args.samples, seed=args.seed, peptides=" ".join(args.peptides),
+           unseen_pairs=args.unseen_pairs)
     molecules = []
     for name in args.peptides:
         traj = load_peptide(args.data, name, max_frames=max(1, args.md_frames))
@@ -70,7 +101,8 @@ def main(argv=None) -> int:
         valid, ess, cells, md_log_q = [], [], [], []
         start = time.perf_counter()
         for name, traj, system in molecules:
-            sampler = BoltzmannGeneratorSampler(system, traj.topology, model=flow, seed=args.seed, device=dev)
+            model = without_pair_keys(flow, traj.topology) if args.unseen_pairs else flow
+            sampler = BoltzmannGeneratorSampler(system, traj.topology, model=model, seed=args.seed, device=dev)
             if args.md_frames:
                 lq = sampler.log_prob(traj.positions.astype(np.float64))
                 if not np.all(np.isfinite(lq)):  # counted, never dropped silently

@@ -86,3 +86,40 @@ def test_force_field_source_replaces_bonds_and_angles_only(trajectories):
         assert known and centre == pytest.approx(x0, rel=1e-12) and spread == pytest.approx(width, rel=1e-6)
     with pytest.raises(ValueError, match="whitening source"):
         whitening_statistics(trajectories, source="amber")
+
+
+def test_partial_key_keeps_the_amino_acid_of_the_coordinates_own_residue():
+    from openmm_tbg.ic_statistics import partial_key
+
+    assert partial_key("d|PRO:C:+0|PRO:CA:+0|PRO:N:+0|GLY:C:-1") == "d|PRO:C:+0|PRO:CA:+0|PRO:N:+0|C:-1"  # phi
+    assert partial_key("d|PRO:N:+0|GLY:C:-1|GLY:CA:-1|GLY:N:-1") == "d|N:+0|GLY:C:-1|GLY:CA:-1|GLY:N:-1"  # psi
+    assert partial_key("b|PRO:N:+0|GLY:C:-1") == "b|PRO:N:+0|C:-1"  # a tie goes to the placed atom's residue
+    assert partial_key("a|ALA:CB:+0|ALA:CA:+0|ALA:N:+0") == "a|ALA:CB:+0|ALA:CA:+0|ALA:N:+0"  # one residue
+    assert partial_key("d|N:+0|C:-1|CA:-1|N:-1") == "d|N:+0|C:-1|CA:-1|N:-1"  # already generic
+
+
+def test_unseen_residue_pair_is_whitened_from_the_same_residue_in_other_pairs():
+    """An unseen pair (Gly-Pro) takes proline's phi pooled over the X-Pro pairs that were seen, not phi pooled
+    over every amino acid; the pooled values are the circular mean and spread of those frames together."""
+    rng = np.random.default_rng(0)
+    table = WhiteningTable()
+    pro_frames = []
+    for previous in ("ALA", "SER"):
+        phi = rng.normal(-1.12, 0.2, 400)  # proline phi, narrow
+        pro_frames.append(phi)
+        table.add([f"d|PRO:C:+0|PRO:CA:+0|PRO:N:+0|{previous}:C:-1"], phi[:, None])
+    table.add(["d|ALA:C:+0|ALA:CA:+0|ALA:N:+0|GLY:C:-1"], rng.uniform(-np.pi, 0.5, 800)[:, None])  # broad
+    centre, width, known = table.lookup("d|PRO:C:+0|PRO:CA:+0|PRO:N:+0|GLY:C:-1")
+    both = np.concatenate(pro_frames)
+    r = np.hypot(np.cos(both).mean(), np.sin(both).mean())
+    assert known
+    assert centre == pytest.approx(np.arctan2(np.sin(both).mean(), np.cos(both).mean()), abs=1e-12)
+    assert width == pytest.approx(np.sqrt(-2 * np.log(r)), abs=1e-12)
+    assert abs(centre + 1.12) < 0.05 and width < 0.25
+    generic_centre, generic_width, _ = table.lookup("d|TRP:C:+0|TRP:CA:+0|TRP:N:+0|GLY:C:-1")  # no Trp seen
+    assert generic_width > 0.5  # falls through to all amino acids
+    # Seen keys are unchanged by the fallback, and adding data refreshes the pooled entries.
+    seen = table.lookup("d|PRO:C:+0|PRO:CA:+0|PRO:N:+0|ALA:C:-1")
+    assert seen[0] == pytest.approx(np.arctan2(np.sin(pro_frames[0]).mean(), np.cos(pro_frames[0]).mean()))
+    table.add(["d|TRP:C:+0|TRP:CA:+0|TRP:N:+0|ALA:C:-1"], rng.normal(-1.3, 0.3, 400)[:, None])
+    assert table.lookup("d|TRP:C:+0|TRP:CA:+0|TRP:N:+0|GLY:C:-1")[1] < 0.35
