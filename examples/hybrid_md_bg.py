@@ -18,13 +18,15 @@ Cost, measured with ``/usr/bin/time -v`` (the 2026-12-02 AMD EPYC runs with ``/u
 fields: wall clock, user and system CPU, maximum resident set) on the 2-core CPU VM, which other jobs (model
 training, test suites) sometimes shared; the load is given with each figure:
 - defaults (200 iterations of 500 MD steps + one TBGMove, buffer 8, Langevin moves on OpenMM's CPU platform with
-  one thread), the 12000-step default model, 2026-12-02 (AMD EPYC): AA accepted 63 of 200 proposals, 200
-  iterations in 57 s (67 s wall clock, 39 s user and 25 s system CPU, peak memory 0.44 GB), while a one-thread
-  benchmark ran on the other core. With ``--md-threads 0`` (OpenMM's default: every core) the same run took
-  87 s for the iterations (96 s wall, 48 s system CPU): OpenMM's threads synchronise every step, which costs more
-  than it saves for a few dozen atoms. Nothing else running: ``--sequence NY`` 3 of 200 accepted, 87 s
-  (95 s wall, 0.45 GB); ``--sequence KQ`` 9 of 200, 108 s (116 s wall, 0.45 GB). The OpenMM random streams of the
-  Langevin moves are not seeded, so acceptance counts vary between runs (AA: 53-63 of 200 in the runs above).
+  one thread), the 12000-step default model with the current whitening of unseen residue pairs, 2026-12-02
+  (AMD EPYC): AA accepted 64 of 200 proposals, 200 iterations in 56 s (64 s wall clock, 38 s user and 25 s system
+  CPU, peak memory 0.43 GB), while the NY run shared the CPU; ``--sequence NY`` 6 of 200, 84 s (92 s wall,
+  0.45 GB); ``--sequence KQ`` 9 of 200, 95 s (103 s wall, 0.45 GB) while the test suite ran on the other core.
+  Threads, measured the same day with the earlier whitening (AA, 63 and 53 of 200 accepted): 57 s for the
+  iterations with one OpenMM thread, 87 s with ``--md-threads 0`` (OpenMM's default: every core; 48 s of
+  system CPU against 25 s). OpenMM's threads synchronise every step, which costs more than it saves for a few
+  dozen atoms. The OpenMM random streams of the Langevin moves are not seeded, so acceptance counts vary
+  between runs.
 - ``--model egnn-cnf --iterations 16``: 93 s wall clock (88 s for the iterations: each buffer
   refill of 8 about 29 s, each valid move about 2.5 s for the current state's log density), peak memory
   1.4 GB, load 1.0-1.5. With two torch threads under a load of 3.3-5.5 the same run took
