@@ -48,13 +48,14 @@ def without_pair_keys(flow, topology):
     import copy
 
     from openmm_tbg.encoding import encode_topology
-    from openmm_tbg.ic_statistics import WhiteningTable, generic_key
+    from openmm_tbg.ic_statistics import WhiteningTable, generic_key, partial_key
 
     if flow.family != "internal-coordinate":
         raise SystemExit("--unseen-pairs needs internal-coordinate models (the CNF has no whitening table).")
     bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    # A key spans two residues exactly when partial_key strips the other residue's amino acid from it.
     keys = {k for ks in flow.condition(encode_topology(topology), bonds).zmatrix.keys for k in ks
-            if k and len({a.rsplit(":", 1)[-1] for a in k.split("|")[1:]}) > 1}
+            if k and partial_key(k) != k}
     entries = {k: list(v) for k, v in flow.table.entries.items()}
     for key in keys & set(entries):
         stats = entries.pop(key)

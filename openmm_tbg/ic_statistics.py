@@ -140,7 +140,11 @@ class WhiteningTable:
     def lookup(self, key: str) -> tuple[float, float, bool]:
         """``(centre, width, known)`` for a key; dihedral widths are circular standard deviations (rad)."""
         kind = key[0]
-        for stats in (self.entries.get(key), self.pooled(key), self.entries.get(generic_key(key))):
+        # Lazily: a seen key (every key of a training peptide) never builds the pooled index.
+        candidates = (lambda: self.entries.get(key), lambda: self.pooled(key),
+                      lambda: self.entries.get(generic_key(key)))
+        for candidate in candidates:
+            stats = candidate()
             if stats is not None and stats[0] > 1:
                 n, s1, s2 = stats
                 if kind == "d":
