@@ -113,6 +113,90 @@ def create_system(topology, forcefield=DEFAULT_FORCEFIELD, nonbonded_cutoff=None
                            constraints=constraints, rigidWater=rigid_water, **kwargs)
 
 
+def _build_structure(seq: str, ff, histidine=None, pH: float = 7.0):
+    """PeptideBuilder extended chain + OXT, then ``Modeller.addHydrogens``; ``histidine`` is None, one variant
+    for every HIS, or a per-residue list (None entries: addHydrogens chooses). Returns the Modeller."""
+    import Bio.PDB
+    import PeptideBuilder
+    from openmm.app import Modeller, PDBFile
+
+    structure = PeptideBuilder.make_extended_structure(seq)
+    PeptideBuilder.add_terminal_OXT(structure)
+    buf = io.StringIO()
+    writer = Bio.PDB.PDBIO()
+    writer.set_structure(structure)
+    writer.save(buf)
+    buf.seek(0)
+    pdb = PDBFile(buf)
+    modeller = Modeller(pdb.topology, pdb.positions)
+    variants = None
+    if isinstance(histidine, str):
+        variants = [histidine if r.name == "HIS" else None for r in modeller.topology.residues()]
+    elif histidine is not None:
+        variants = list(histidine)
+    modeller.addHydrogens(ff, pH=pH, variants=variants)
+    return modeller
+
+
+def reference_structure(topology) -> "np.ndarray | None":
+    """A structure (nm, the Topology's atom order) of a standard peptide, built from its sequence.
+
+    The extended chain of `build_peptide` (with the Topology's histidine variants), matched to the Topology's
+    atoms by residue and atom name. Used to test a System's energy when the user gives no positions.
+
+    Parameters
+    ----------
+    topology : openmm.app.Topology
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (n_atoms, 3) float64 nm; None when the Topology is not a supported peptide or its atom names do not
+        all match the built one's.
+    """
+    import numpy as np
+    from openmm import unit
+
+    from .encoding import UnsupportedTopologyError, encode_topology
+
+    try:
+        encoding = encode_topology(topology)
+    except (UnsupportedTopologyError, TypeError):
+        return None
+    residues = list(topology.residues())
+    variants = []
+    for r in residues:
+        names = {a.name for a in r.atoms()}
+        if r.name in _HISTIDINE_VARIANTS or encoding.sequence[r.index] == "H":
+            variants.append("HIP" if {"HD1", "HE2"} <= names else "HIE" if "HE2" in names else "HID")
+        else:
+            variants.append(None)
+    try:
+        modeller = _build_structure(encoding.sequence, _default_forcefield(), variants)
+    except Exception as error:  # noqa: BLE001 - a reference is optional; the caller says it was not checked
+        logger.info("No reference structure for %s: %s", encoding.sequence, error)
+        return None
+    built = {(a.residue.index, a.name): a.index for a in modeller.topology.atoms()}
+    xyz = np.asarray(modeller.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+    try:
+        index = [built[(a.residue.index, a.name)] for a in topology.atoms()]
+    except KeyError:
+        return None
+    if len(set(index)) != len(index):
+        return None
+    return xyz[index]
+
+
+def _default_forcefield():
+    global _DEFAULT_FF
+    if _DEFAULT_FF is None:
+        _DEFAULT_FF = _make_forcefield(DEFAULT_FORCEFIELD)
+    return _DEFAULT_FF
+
+
+_DEFAULT_FF = None  # read-only: only used to add hydrogens to reference structures
+
+
 def build_peptide(sequence: str, forcefield=DEFAULT_FORCEFIELD, nonbonded_cutoff=None, histidine: str | None = None,
                   nonbonded_method=None, pH: float = 7.0, **system_kwargs) -> Peptide:
     """Build a zwitterionic peptide from its one-letter sequence.
@@ -142,29 +226,18 @@ def build_peptide(sequence: str, forcefield=DEFAULT_FORCEFIELD, nonbonded_cutoff
     Raises
     ------
     ValueError
-        Unknown one-letter codes or histidine variant.
+        Unknown one-letter codes, a single residue, or an unknown histidine variant.
     """
-    import Bio.PDB
-    import PeptideBuilder
-    from openmm.app import Modeller, PDBFile
-
     seq = validate_sequence(sequence)
+    if len(seq) < 2:
+        raise ValueError(f"build_peptide({sequence!r}): a single amino acid is not a peptide. Its zwitterion has no "
+                         f"residue template in amber14 (OpenMM would report 'No template found'), and the models "
+                         f"sample peptides of two or more residues; give at least two one-letter codes, e.g. "
+                         f"{(seq * 2)!r}.")
     if histidine is not None and histidine not in _HISTIDINE_VARIANTS:
         raise ValueError(f"histidine must be None, 'HID', 'HIE' or 'HIP', got {histidine!r}.")
-    structure = PeptideBuilder.make_extended_structure(seq)
-    PeptideBuilder.add_terminal_OXT(structure)
-    buf = io.StringIO()
-    writer = Bio.PDB.PDBIO()
-    writer.set_structure(structure)
-    writer.save(buf)
-    buf.seek(0)
-    pdb = PDBFile(buf)
     ff = _make_forcefield(forcefield)
-    modeller = Modeller(pdb.topology, pdb.positions)
-    variants = None
-    if histidine is not None:
-        variants = [histidine if r.name == "HIS" else None for r in modeller.topology.residues()]
-    modeller.addHydrogens(ff, pH=pH, variants=variants)
+    modeller = _build_structure(seq, ff, histidine, pH)
     system = create_system(modeller.topology, ff, nonbonded_cutoff=nonbonded_cutoff,
                            nonbonded_method=nonbonded_method, **system_kwargs)
     logger.debug("Built %s: %d atoms", seq, modeller.topology.getNumAtoms())

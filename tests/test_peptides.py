@@ -117,6 +117,29 @@ def test_bad_sequence(bad, match):
         build_peptide(bad)
 
 
+def test_a_single_residue_gets_the_packages_message_not_openmms():
+    with pytest.raises(ValueError, match=r"single amino acid is not a peptide.*at least two one-letter codes.*'AA'") \
+            as error:
+        build_peptide("A")
+    assert "No template found for residue" not in str(error.value)
+
+
+def test_reference_structure_follows_the_topologys_atom_order(built):
+    from openmm_tbg.peptides import reference_structure
+
+    from openmm_tbg.testing import harmonic_chain
+
+    pep = built["HT"]
+    x = np.asarray(pep.positions.value_in_unit(unit.nanometer))
+    ref = reference_structure(pep.topology)
+    heavy = [a.index for a in pep.topology.atoms() if a.element.symbol != "H"]
+    np.testing.assert_allclose(ref[heavy], x[heavy], atol=1e-6)  # addHydrogens places H slightly differently
+    for a, b in pep.topology.bonds():
+        assert 0.09 < np.linalg.norm(ref[a.index] - ref[b.index]) < 0.16
+
+    assert reference_structure(harmonic_chain(3)[1]) is None  # not a peptide: no reference
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="histidine"):
         build_peptide("HA", histidine="HIS")
