@@ -18,6 +18,11 @@ _PUBLIC = {
     "build_peptide": "openmm_tbg.peptides",
     "encode_topology": "openmm_tbg.encoding",
     "TransferableFlow": "openmm_tbg.flow",
+    # Warnings users may want to filter (warnings.filterwarnings("ignore", category=...)).
+    "FewEffectiveSamplesWarning": "openmm_tbg.results",
+    "HamiltonianMismatchWarning": "openmm_tbg.results",
+    "SampleSizeWarning": "openmm_tbg.results",
+    "TemperatureUnitWarning": "openmm_tbg.checks",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -25,7 +25,7 @@ from openmm import unit
 from openmmtools import mcmc
 
 from .checkpoint import file_sha256, load_model, resolve_model
-from .checks import check_system
+from .checks import check_system, check_system_structure
 from .sampler import BoltzmannGeneratorSampler, given_flow_options, symmetry_options
 from .serialization import encoding_from_dict, encoding_to_dict
 from .utils import resolve_device, spawn_generators, to_nm
@@ -97,7 +97,21 @@ class TBGMove(mcmc.MCMCMove):
     and every stored state (``__getstate__``, which openmmtools' ``SequenceMove`` also uses to deep-copy its
     moves) gets a fresh child of this move's ``numpy.random.SeedSequence``, so replicas never share proposals, and
     restoring the same stored state twice gives the same continuation.
+
+    System checks: `check_system` on every `apply`; the structure checks of
+    `openmm_tbg.checks.check_system_structure` (bond terms against the Topology's bonds, a finite and sane energy,
+    invariance under rigid motions) once per System, at the first `apply` in a thermodynamic state with that
+    System, at the current positions. A move built from a sampler was checked with the sampler's System too.
+
+    ``isinstance(x, TBGMove)`` is True only for instances of this class and its subclasses (openmmtools' base
+    class would accept any object).
     """
+
+    @classmethod
+    def __subclasshook__(cls, subclass):
+        # openmmtools' SubhookedABCMeta.__subclasshook__ accepts every class that defines the abstract methods,
+        # and TBGMove has none left, so isinstance(anything, TBGMove) would be True. Use ordinary subclassing.
+        return NotImplemented
 
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
                  buffer_size: int = 64, seed: Optional[int] = None, device="auto",
@@ -160,6 +174,7 @@ class TBGMove(mcmc.MCMCMove):
         self._rng, self._torch_generator = spawn_generators(seed_seq, torch_first=True)
         self._buffer: list = []
         self._cache = None  # (positions, log q) of the last state whose density is known
+        self._checked_systems: set = set()  # standard-System hashes that passed check_system_structure
 
     # ---------------------------------------------------------------------------------------- statistics
     @property
@@ -217,6 +232,22 @@ class TBGMove(mcmc.MCMCMove):
                              "ThermodynamicState without pressure and the System without a barostat.")
         check_system(context.getSystem(), self.encoding.n_atoms, what="ThermodynamicState's System")
 
+    def _check_structure(self, thermodynamic_state, context, x: np.ndarray) -> None:
+        """`check_system_structure` once per System (keyed by openmmtools' hash of the standard System)."""
+        key = getattr(thermodynamic_state, "_standard_system_hash", None)
+        system = context.getSystem()
+        if key is None:  # not an openmmtools ThermodynamicState: hash the System itself
+            import openmm
+
+            key = hash(openmm.XmlSerializer.serialize(system))
+        if key in self._checked_systems:
+            return
+        labels = [f"{n} {r}" for n, r in zip(self.encoding.atom_names, self.encoding.residue_names)]
+        kT = thermodynamic_state.kT.value_in_unit(unit.kilojoule_per_mole)
+        check_system_structure(system, self.bonds, kT, positions=x, labels=labels,
+                               positions_source="the SamplerState's positions", what="ThermodynamicState's System")
+        self._checked_systems.add(key)
+
     def apply(self, thermodynamic_state, sampler_state, context_cache=None) -> None:
         """Attempt ``n_attempts`` flow proposals with the Metropolis-Hastings test; updates ``sampler_state``.
 
@@ -232,6 +263,7 @@ class TBGMove(mcmc.MCMCMove):
         context_cache = self._get_context_cache(context_cache)
         context, _ = context_cache.get_context(thermodynamic_state)
         self._check_state(thermodynamic_state, context)
+        self._check_structure(thermodynamic_state, context, x_old)
         sampler_state.apply_to_context(context, ignore_velocities=True)
         u_old = thermodynamic_state.reduced_potential(context)
         if not np.isfinite(u_old):
@@ -303,7 +335,10 @@ class TBGMove(mcmc.MCMCMove):
             raise ValueError("This TBGMove's model exists only in memory, so the move cannot be stored (e.g. by "
                              "MultiStateReporter). Save the model with openmm_tbg.save_model(flow, path) and "
                              "build the move (or its sampler) from that path.")
+        # The state's stream: fresh 128-bit entropy drawn from a new child, with an empty spawn key, so that the
+        # stored key does not grow with every store/restore cycle (it used to gain two entries per cycle).
         stream = self._seed_seq.spawn(1)[0]
+        entropy = int.from_bytes(stream.generate_state(4, np.uint32).astype("<u4").tobytes(), "little")
         return {
             "model_path": str(self.model_path),
             "model_sha256": str(self.model_sha256),
@@ -314,8 +349,8 @@ class TBGMove(mcmc.MCMCMove):
             "validity_options": dict(self.validity_options),
             "n_attempts": int(self.n_attempts),
             "buffer_size": int(self.buffer_size),
-            "seed": str(stream.entropy),  # a str: the entropy can exceed 64 bits
-            "spawn_key": [int(k) for k in stream.spawn_key],
+            "seed": str(entropy),  # a str: the entropy exceeds 64 bits
+            "spawn_key": [],
             "statistics": self.statistics,
         }
 
@@ -332,8 +367,10 @@ class TBGMove(mcmc.MCMCMove):
         device = self._restore_device(state.get("device", "auto"))
         flow = _cached_model(path, sha, device)
         stats = state.get("statistics", {})
-        # The stored key is a child spawned for this state alone. Mixing in how far the chain had gone also keeps
-        # states stored before that (whose key was the live move's own) from replaying the stream they had used.
+        # The stored entropy was drawn for this state alone (older states stored a child's entropy and key).
+        # Mixing in how far the chain had gone also keeps states stored before that (whose key was the live
+        # move's own) from replaying the stream they had used. The restored key has one entry more than the
+        # stored one, and a new state stores an empty key again: bounded.
         seed_seq = np.random.SeedSequence(int(state["seed"]), spawn_key=tuple(state.get("spawn_key", ())) +
                                           (int(stats.get("n_proposed", 0)),))
         self._init(flow, path, sha, encoding_from_dict(state["encoding"]), state["bonds"],

@@ -15,10 +15,14 @@ from .serialization import topology_from_dict, topology_to_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SampleResult", "SampleSizeWarning", "LOW_ESS_SAMPLES", "RESAMPLE_ESS_MARGIN"]
+__all__ = ["SampleResult", "SampleSizeWarning", "FewEffectiveSamplesWarning", "HamiltonianMismatchWarning",
+           "FEW_EFFECTIVE_SAMPLES", "LOW_ESS_SAMPLES", "RESAMPLE_ESS_MARGIN"]
 
-#: Below this many effective samples (Kish ESS x proposals), `SampleResult.summary` explains what the ESS means.
-LOW_ESS_SAMPLES = 10.0
+#: Below this many effective samples (Kish ESS x proposals) a result warns (`FewEffectiveSamplesWarning`) when it
+#: is made, averaged (`SampleResult.expectation`) or resampled, and `SampleResult.summary` says so first.
+FEW_EFFECTIVE_SAMPLES = 20.0
+#: The former name of `FEW_EFFECTIVE_SAMPLES` (the summary's note started at 10 samples).
+LOW_ESS_SAMPLES = FEW_EFFECTIVE_SAMPLES
 #: `SampleResult.resample` warns when it is asked for more than this many times the effective sample size.
 RESAMPLE_ESS_MARGIN = 2.0
 
@@ -26,8 +30,31 @@ _REMEDIES = ("draw more proposals (sample(n) with a larger n, or --samples), use
              "sample(n, method='metropolis') or TBGMove next to MD for correlated but exact samples")
 
 
+_REFINE = "refine the model on this System (sampler.refine(...))"
+_HYBRID = ("run hybrid MD/BG with TBGMove (SequenceMove([LangevinDynamicsMove(...), TBGMove(sampler)]): exact "
+           "whatever the model)")
+_TRAINING = ("build the System with the model's training Hamiltonian ({training}: openmm_tbg.build_peptide(sequence) "
+             "or openmm_tbg.peptides.create_system(topology))")
+#: With fewer proposals than this, a tiny ESS may be chance: the advice is to draw more.
+_FEW_PROPOSALS = 1000
+#: Below this spread (kT) against the training Hamiltonian, the messages do not suggest switching to it.
+_SAME_HAMILTONIAN_KT = 0.5
+_DEFAULT_TRAINING = "amber14-all + implicit/obc1, CutoffNonPeriodic 2 nm"
+
+
 class SampleSizeWarning(UserWarning):
     """More configurations were requested than the importance weights can support (few effective samples)."""
+
+
+class FewEffectiveSamplesWarning(SampleSizeWarning):
+    """A result rests on fewer than `FEW_EFFECTIVE_SAMPLES` effective samples: its averages, resampled frames and
+    error bars describe a handful of configurations, not the Boltzmann distribution."""
+
+
+class HamiltonianMismatchWarning(UserWarning):
+    """The System's energy differs from the model's training Hamiltonian by much more than a constant over the
+    flow's samples: the proposals come from another ensemble, and the weights can miss states the System
+    populates, however many samples are drawn."""
 
 
 @dataclass
@@ -69,11 +96,23 @@ class SampleResult:
     topology : openmm.app.Topology
     proposal_index : numpy.ndarray
         (n,) int: index of the proposal each configuration is (-1: a user-given initial state).
+    hamiltonian_gap : float or None
+        Robust spread (kT) of the System's reduced potential minus the training Hamiltonian's over the flow's
+        samples (`openmm_tbg.checks.HamiltonianComparison`); None: not measured. Above
+        `openmm_tbg.checks.HAMILTONIAN_GAP_KT` the result warns (`HamiltonianMismatchWarning`).
+    training_hamiltonian : str
+        The model's training Hamiltonian in words, for messages.
 
     Notes
     -----
     A resampled result or a Metropolis chain repeats configurations; `n_distinct` says how many different
     ones it holds, and `effective_samples` how many independent samples the importance weights are worth.
+
+    A result that rests on fewer than `FEW_EFFECTIVE_SAMPLES` effective samples, or whose System is far from the
+    model's training Hamiltonian, says so: `problems` lists the warnings, `warn` issues them
+    (`FewEffectiveSamplesWarning`, `HamiltonianMismatchWarning`; filter them with the `warnings` module), and
+    the sampler, `expectation` and `resample` call it; `summary` starts with them. Raw flow samples
+    (``method="none"``) claim no Boltzmann statistics and do not warn.
     """
 
     positions: np.ndarray
@@ -92,6 +131,8 @@ class SampleResult:
     temperature: float
     topology: object
     proposal_index: np.ndarray
+    hamiltonian_gap: Optional[float] = None
+    training_hamiltonian: str = _DEFAULT_TRAINING
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -130,8 +171,77 @@ class SampleResult:
         """Normalised weights ``exp(log_weights)`` (sum 1)."""
         return np.exp(self.log_weights)
 
+    def problems(self) -> list:
+        """The warnings this result deserves, as ``(category, message)`` pairs, most important first.
+
+        `FewEffectiveSamplesWarning` below `FEW_EFFECTIVE_SAMPLES` effective samples (also when no proposal is
+        valid); `HamiltonianMismatchWarning` when `hamiltonian_gap` exceeds
+        `openmm_tbg.checks.HAMILTONIAN_GAP_KT`. Empty for ``method="none"``.
+        """
+        from .checks import HAMILTONIAN_GAP_KT
+
+        if self.method == "none":
+            return []
+        out = []
+        gap = self.hamiltonian_gap
+        far = gap is not None and np.isfinite(gap) and gap > HAMILTONIAN_GAP_KT
+        same = gap is not None and np.isfinite(gap) and gap <= _SAME_HAMILTONIAN_KT
+        fixes = [_REFINE, _HYBRID] + ([] if same else [_TRAINING.format(training=self.training_hamiltonian)])
+        fixes = ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+        n_eff = self.effective_samples
+        if far:
+            out.append((HamiltonianMismatchWarning,
+                        f"This System is far from the Hamiltonian the model was trained on "
+                        f"({self.training_hamiltonian}): over the flow's samples its reduced potential differs "
+                        f"from the training one by a spread of {gap:.1f} kT (robust standard deviation; above "
+                        f"{HAMILTONIAN_GAP_KT:g} kT; e.g. vacuum instead of implicit solvent). The flow proposes "
+                        f"the training ensemble, so states this System populates and the training one does not "
+                        f"(e.g. salt bridges in vacuum) are missing from the weights, and drawing more proposals "
+                        f"does not fix that. To sample this System's ensemble, {fixes}."))
+        if n_eff < FEW_EFFECTIVE_SAMPLES:
+            if self.n_valid == 0:
+                basis = f"None of the {self.n_proposals} proposals is valid, so this result holds no Boltzmann sample."
+            else:
+                if n_eff < 1.5:
+                    who = ": one proposal carries nearly all of the importance weight"
+                elif n_eff < 0.2 * self.n_valid:
+                    who = ": a few proposals carry most of the importance weight"
+                else:
+                    who = ""
+                n_conf = max(1, int(round(n_eff)))
+                basis = (f"This result rests on {n_eff:.1f} effective samples (Kish ESS {100.0 * self.ess:.3g} % x "
+                         f"{self.n_proposals} proposals; fewer than {FEW_EFFECTIVE_SAMPLES:g}){who}, so reweighted "
+                         f"averages, resampled frames and their (bootstrap) error bars rest on about {n_conf} "
+                         f"configuration{'s' if n_conf > 1 else ''}, not on the Boltzmann distribution.")
+            if far:
+                advice = f"Drawing more proposals will not help (see the HamiltonianMismatchWarning); {fixes}."
+            elif self.n_valid and (n_eff >= 5.0 or self.n_proposals < _FEW_PROPOSALS):
+                needed = int(np.ceil(FEW_EFFECTIVE_SAMPLES / max(self.ess, 1e-300)))
+                advice = (f"Draw about {needed} proposals (sample(n) with a larger n), which gives "
+                          f"{FEW_EFFECTIVE_SAMPLES:g} effective samples if the ESS fraction holds; or {_REFINE} "
+                          f"for a higher ESS fraction.")
+            elif not self.n_valid and self.n_proposals < _FEW_PROPOSALS:
+                advice = (f"Draw more proposals (sample(n) with a larger n); if few stay valid, {fixes}.")
+            else:
+                advice = (f"More proposals are unlikely to help: the model does not represent this System's "
+                          f"Boltzmann distribution well. {fixes[0].upper() + fixes[1:]}.")
+            out.append((FewEffectiveSamplesWarning, f"{basis} {advice}"))
+        return out
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """Issue `problems` as Python warnings (``stacklevel`` as for `warnings.warn`, counted from the caller)."""
+        for category, message in self.problems():
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
+
     def expectation(self, values) -> float:
-        """Weighted average of per-sample ``values`` (rejected samples, weight 0, are ignored)."""
+        """Weighted average of per-sample ``values`` (rejected samples, weight 0, are ignored).
+
+        Warns
+        -----
+        FewEffectiveSamplesWarning, HamiltonianMismatchWarning
+            As listed by `problems`.
+        """
+        self.warn(stacklevel=2)
         values = np.asarray(values, dtype=np.float64)
         ok = np.isfinite(self.log_weights)
         return float(np.sum(np.exp(self.log_weights[ok]) * values[ok]))
@@ -179,6 +289,8 @@ class SampleResult:
         -----
         SampleSizeWarning
             ``k > RESAMPLE_ESS_MARGIN * effective_samples``.
+        FewEffectiveSamplesWarning, HamiltonianMismatchWarning
+            As listed by `problems`.
         """
         integral = isinstance(k, (int, np.integer)) or (isinstance(k, float) and k.is_integer())
         if isinstance(k, bool) or not integral or k < 1:
@@ -188,6 +300,7 @@ class SampleResult:
         if not ok.any():
             raise RuntimeError(f"Cannot resample: none of the {self.n_proposals} samples is valid "
                                f"(rejections: {self.rejections}). Draw more samples or check the model.")
+        self.warn(stacklevel=2)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         p = np.exp(self.log_weights[ok] - np.max(self.log_weights[ok]))
         idx = np.flatnonzero(ok)[rng.choice(ok.sum(), size=k, replace=True, p=p / p.sum())]
@@ -198,7 +311,8 @@ class SampleResult:
             rejections=dict(self.rejections), n_proposals=self.n_proposals, n_mirrored=self.n_mirrored,
             n_relabelled=self.n_relabelled, ess=self.ess, acceptance_rate=self.acceptance_rate,
             method="resampled", temperature=self.temperature, topology=self.topology,
-            proposal_index=self.proposal_index[idx])
+            proposal_index=self.proposal_index[idx], hamiltonian_gap=self.hamiltonian_gap,
+            training_hamiltonian=self.training_hamiltonian)
         n_eff = self.effective_samples
         logger.info("resample(%d): %d distinct configurations (ESS %.1f samples)", k, out.n_distinct, n_eff)
         if k > RESAMPLE_ESS_MARGIN * n_eff:
@@ -215,7 +329,8 @@ class SampleResult:
         meta = {"rejections": self.rejections, "n_proposals": self.n_proposals, "n_mirrored": self.n_mirrored,
                 "n_relabelled": self.n_relabelled, "ess": self.ess, "acceptance_rate": self.acceptance_rate,
                 "method": self.method, "temperature": self.temperature,
-                "topology": topology_to_dict(self.topology), "format": "openmm_tbg.SampleResult",
+                "topology": topology_to_dict(self.topology), "hamiltonian_gap": self.hamiltonian_gap,
+                "training_hamiltonian": self.training_hamiltonian, "format": "openmm_tbg.SampleResult",
                 "format_version": 1}
         with open(path, "wb") as fh:
             np.savez_compressed(fh, positions=self.positions, log_weights=self.log_weights,
@@ -242,13 +357,17 @@ class SampleResult:
                    n_relabelled=int(meta["n_relabelled"]), ess=float(meta["ess"]),
                    acceptance_rate=meta["acceptance_rate"], method=meta["method"],
                    temperature=float(meta["temperature"]), topology=topology_from_dict(meta["topology"]),
-                   proposal_index=arrays["proposal_index"])
+                   proposal_index=arrays["proposal_index"], hamiltonian_gap=meta.get("hamiltonian_gap"),
+                   training_hamiltonian=meta.get("training_hamiltonian", _DEFAULT_TRAINING))
 
-    def summary(self) -> str:
+    def summary(self, include_warnings: bool = True) -> str:
         """Method, valid fraction, ESS (as a fraction and in samples), distinct configurations, acceptance.
 
-        One line, plus a second line that says what the ESS means when it is below `LOW_ESS_SAMPLES`
-        effective samples.
+        Parameters
+        ----------
+        include_warnings : bool
+            Start with one ``WARNING (Category): ...`` line per entry of `problems` (False: leave them out,
+            e.g. where they are printed separately).
         """
         n_eff = self.effective_samples
         text = (f"{self.method}: {self.n_valid}/{self.n_proposals} valid proposals "
@@ -263,10 +382,9 @@ class SampleResult:
             text += f", mirrored {self.n_mirrored}, relabelled {self.n_relabelled}"
         if self.acceptance_rate is not None:
             text += f", acceptance {100.0 * self.acceptance_rate:.1f} %"
-        if self.n_valid and n_eff < LOW_ESS_SAMPLES:
-            who = "one proposal carries nearly all" if n_eff < 1.5 else "a few proposals carry most"
-            n_conf = max(1, int(round(n_eff)))
-            text += (f"\nnote: an ESS of {n_eff:.1f} samples means that {who} of the importance weight, so "
-                     f"reweighted averages and resampled frames rest on about {n_conf} "
-                     f"configuration{'s' if n_conf > 1 else ''}; {_REMEDIES}.")
+        if self.hamiltonian_gap is not None:
+            text += f", spread against the training Hamiltonian {self.hamiltonian_gap:.2f} kT"
+        if include_warnings:
+            lines = [f"WARNING ({category.__name__}): {message}" for category, message in self.problems()]
+            text = "\n".join(lines + [text])
         return text

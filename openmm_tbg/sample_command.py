@@ -139,12 +139,20 @@ def _write_valid(result, paths: dict, seed: int) -> int:
     return n
 
 
-def _resample(result, k: int, seed: int, paths: dict) -> None:
+def _print_warnings(caught, printed: set) -> None:
+    """Print caught warnings to stderr as ``openmm-tbg: warning: ...``, each message once."""
+    for w in caught:
+        message = str(w.message)
+        if message not in printed:
+            printed.add(message)
+            print(f"openmm-tbg: warning: {message}", file=sys.stderr)
+
+
+def _resample(result, k: int, seed: int, paths: dict, printed: set) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frames = result.resample(k, seed=seed)
-    for w in caught:
-        print(f"openmm-tbg: warning: {w.message}", file=sys.stderr)
+    _print_warnings(caught, printed)
     traj = frames.to_mdtraj()
     traj[0].save_pdb(paths["resampled_pdb"])
     traj.save_dcd(paths["resampled_dcd"])
@@ -190,15 +198,21 @@ def run_from_cli(args: argparse.Namespace) -> int:
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE.get(getattr(flow, "family", ""), DEFAULT_BATCH_SIZE_ONE_PASS)
-    sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
-                                        device=args.device, batch_size=batch_size, seed=seed,
-                                        positions=positions, **ode_kwargs(args))
-    try:
-        result = sampler.sample(args.samples, method=args.method, progress=not args.no_progress)
-    finally:
-        sampler.close()
+    # Warnings of the sampler and the result (temperature read as kelvin, few effective samples, a System far
+    # from the training Hamiltonian) go to stderr as openmm-tbg warnings, after the summary; the warning filters
+    # (e.g. PYTHONWARNINGS) still apply.
+    with warnings.catch_warnings(record=True) as caught:
+        sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
+                                            device=args.device, batch_size=batch_size, seed=seed,
+                                            positions=positions, **ode_kwargs(args))
+        try:
+            result = sampler.sample(args.samples, method=args.method, progress=not args.no_progress)
+        finally:
+            sampler.close()
     result.save(paths["result"])
-    print(result.summary())
+    print(result.summary(include_warnings=False))
+    printed: set = set()
+    _print_warnings(caught, printed)
     print(f"wrote {paths['result']}: all {result.n_proposals} proposals (SampleResult.load reads it)")
     n_written = _write_valid(result, paths, seed)
     if n_written:
@@ -218,5 +232,5 @@ def run_from_cli(args: argparse.Namespace) -> int:
               "for this peptide (openmm-tbg train).", file=sys.stderr)
         return 1
     if args.resample:
-        _resample(result, args.resample, seed, paths)
+        _resample(result, args.resample, seed, paths, printed)
     return 0

@@ -19,8 +19,9 @@ import openmm
 from openmm import unit
 
 from .checkpoint import resolve_model
-from .checks import check_positions, check_system
-from .energy import ReducedPotential, to_kelvin
+from .checks import (HamiltonianComparison, check_positions, check_system, check_system_structure,
+                     topology_atom_labels, warn_plain_low_temperature)
+from .energy import MOLAR_GAS_CONSTANT, ReducedPotential, to_kelvin
 from .results import SampleResult
 from .utils import resolve_device, spawn_generators
 from .validity import REJECTION_REASONS, ValidityChecker
@@ -120,13 +121,15 @@ class BoltzmannGeneratorSampler:
 
         from .encoding import AtomEncoding, encode_topology
 
+        warn_plain_low_temperature(temperature)
         self.temperature = to_kelvin(temperature)
         n_atoms = topology.getNumAtoms()
-        check_system(system, n_atoms)
         if positions is not None:
             positions = check_positions(positions, n_atoms, what="positions")
             if positions.ndim != 2:
                 raise ValueError(f"positions must be one structure ({n_atoms}, 3), got {positions.shape}.")
+        # The Topology first (residues, caps, then the model's vocabulary: length), so that the first message
+        # names the real reason; then the System alone; then the System against the Topology (energies).
         if encoding is None:
             encoding = encode_topology(topology, positions)  # refuses unsupported residues and D-amino acids
         elif not isinstance(encoding, AtomEncoding):
@@ -137,16 +140,20 @@ class BoltzmannGeneratorSampler:
                              f"encoding of this topology.")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-        self.system = system
-        self.topology = topology
-        self.encoding = encoding
-        self.batch_size = int(batch_size)
         self.device = resolve_device(device)
         self.flow, self.model_path, self.model_sha256 = resolve_model(model, self.device)
         self.flow.eval()
         self.flow.check_supported(encoding)  # refuse here, not after sampling has started
-        self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
+        check_system(system, n_atoms)
         bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+        self.system_checks = check_system_structure(
+            system, bonds, MOLAR_GAS_CONSTANT * self.temperature, positions=positions, topology=topology,
+            labels=topology_atom_labels(topology), platform=platform)
+        self.system = system
+        self.topology = topology
+        self.encoding = encoding
+        self.batch_size = int(batch_size)
+        self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
         self.context = self.flow.condition(encoding, bonds)
         self.flow_options = self.flow.sampling_options(
             **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes,
@@ -157,6 +164,7 @@ class BoltzmannGeneratorSampler:
                                        **symmetry_options(self.flow), **self.validity_options)
         self.reduced_potential = ReducedPotential(system, self.temperature, platform=platform,
                                                   n_workers=n_workers)
+        self.hamiltonian = HamiltonianComparison(system, topology, self.temperature, self.flow, platform)
         self.seed_sequence = np.random.SeedSequence(seed)
         self._rng, self._torch_generator = spawn_generators(self.seed_sequence, torch_first=True)
         logger.info("BoltzmannGeneratorSampler: %d atoms, T = %.1f K, flow on %s, model %s", n_atoms,
@@ -254,9 +262,11 @@ class BoltzmannGeneratorSampler:
         log_w = np.where(valid, -p["u"] - p["log_q"], -np.inf)
         ess = kish_ess(log_w)
         rejections = {r: int(np.sum(p["reasons"] == r)) for r in ALL_REJECTION_REASONS}
+        gap = self.hamiltonian.gap(p["positions"][valid], p["u"][valid]) if method != "none" else None
         common = dict(rejections=rejections, n_proposals=n, n_mirrored=int(p["mirrored"].sum()),
                       n_relabelled=int(p["relabelled"].sum()), ess=ess, temperature=self.temperature,
-                      topology=self.topology)
+                      topology=self.topology, hamiltonian_gap=gap,
+                      training_hamiltonian=self.hamiltonian.description)
         if not valid.any():
             logger.warning("None of the %d flow samples is valid (rejections: %s).", n, rejections)
         if method in ("importance", "none"):
@@ -270,6 +280,7 @@ class BoltzmannGeneratorSampler:
         else:
             result = self._metropolis(p, log_w, x0, common)
         logger.info("%s", result.summary())
+        result.warn(stacklevel=2)  # FewEffectiveSamplesWarning / HamiltonianMismatchWarning, at the caller
         return result
 
     def _metropolis(self, p: dict, log_w: np.ndarray, x0: Optional[np.ndarray], common: dict) -> SampleResult:
@@ -326,6 +337,7 @@ class BoltzmannGeneratorSampler:
     def close(self) -> None:
         """Release energy worker processes."""
         self.reduced_potential.close()
+        self.hamiltonian.close()
 
 
 # Names that lived here before the restructuring, still importable from this module.

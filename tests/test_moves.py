@@ -174,7 +174,7 @@ def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp
 
     restored = multistate.ReplicaExchangeSampler.from_storage(multistate.MultiStateReporter(storage))
     moves = restored._mcmc_moves
-    assert all(isinstance(m, TBGMove) for m in moves)
+    assert len(moves) == 2 and all(type(m) is TBGMove for m in moves)  # isinstance(anything, TBGMove) was True
     assert [m.statistics["n_proposed"] for m in moves] == n_before
     assert moves[0].flow is moves[1].flow  # restored copies share one model
     restored.extend(1)
@@ -297,3 +297,33 @@ def test_copies_and_restored_replicas_have_independent_reproducible_streams(toy,
     for (x0, u0), (x1, u1) in zip(*resumed):  # the same storage continues the same way
         np.testing.assert_array_equal(x0, x1)
         assert u0 == u1
+
+
+def test_isinstance_of_tbg_move_is_true_only_for_tbg_moves(toy):
+    """openmmtools' MCMCMove accepts any class defining its abstract methods; TBGMove has none left, so
+    isinstance(object(), TBGMove) used to be True. Subclasses still count."""
+    class Subclass(TBGMove):
+        pass
+
+    assert not isinstance(object(), TBGMove) and not isinstance(None, TBGMove)
+    assert not isinstance(mcmc.LangevinDynamicsMove(), TBGMove)
+    assert not issubclass(mcmc.MCMCMove, TBGMove)
+    assert isinstance(make_move(toy, seed=0), TBGMove) and issubclass(Subclass, TBGMove)
+    assert isinstance(make_move(toy, seed=0), mcmc.MCMCMove)  # still an openmmtools move
+
+
+def test_stored_spawn_key_stays_bounded_over_store_restore_cycles(toy, saved_egnn_toy):
+    """Each store/restore cycle used to add two entries to the stored spawn_key; a long replica-exchange run
+    checkpoints every iteration, so the stored state grew without bound."""
+    _, topology, encoding, _ = toy
+    move = TBGMove(saved_egnn_toy, topology, encoding, seed=7, device="cpu", check_bonds=False, buffer_size=2,
+                   ode_method="euler", step_size=0.5, quadrature_nodes=2)
+    keys, seeds = [], []
+    for _ in range(6):
+        state = yaml.safe_load(yaml.safe_dump(utils.serialize(move)))
+        keys.append(len(state["spawn_key"]))
+        seeds.append(state["seed"])
+        move = utils.deserialize(state)
+        move.statistics = dict(move.statistics, n_proposed=move.statistics["n_proposed"] + 1)
+    assert max(keys) == 0 and len(move._seed_seq.spawn_key) <= 1
+    assert len(set(seeds)) == len(seeds)  # every stored state has a stream of its own

@@ -8,12 +8,13 @@ import warnings
 import numpy as np
 import pytest
 
-from openmm_tbg.results import LOW_ESS_SAMPLES, SampleResult, SampleSizeWarning
+from openmm_tbg.results import (FEW_EFFECTIVE_SAMPLES, FewEffectiveSamplesWarning, HamiltonianMismatchWarning,
+                                SampleResult, SampleSizeWarning)
 from openmm_tbg.testing import harmonic_chain
 from openmm_tbg.weights import kish_ess, normalise_log_weights
 
 
-def make_result(log_w, method="importance", seed=0) -> SampleResult:
+def make_result(log_w, method="importance", seed=0, hamiltonian_gap=None) -> SampleResult:
     """A SampleResult of a 3-atom chain whose proposals have the given (unnormalised) log weights."""
     log_w = np.asarray(log_w, dtype=np.float64)
     n = len(log_w)
@@ -26,7 +27,7 @@ def make_result(log_w, method="importance", seed=0) -> SampleResult:
         reasons=np.where(valid, "", "bond_graph").astype(object),
         rejections={"bond_graph": int((~valid).sum())}, n_proposals=n, n_mirrored=0, n_relabelled=0,
         ess=kish_ess(log_w), acceptance_rate=None, method=method, temperature=300.0, topology=topology,
-        proposal_index=np.arange(n))
+        proposal_index=np.arange(n), hamiltonian_gap=hamiltonian_gap)
 
 
 def one_dominant(n=16):
@@ -41,7 +42,9 @@ def test_resample_reports_distinct_configurations_and_warns():
     with pytest.warns(SampleSizeWarning) as record:
         frames = result.resample(16, seed=0)
     assert len(frames) == 16 and frames.n_distinct == 1
-    message = str(record[0].message)
+    # Two warnings: the result rests on 1 effective sample, and 16 frames were asked of it.
+    assert {type(w.message) for w in record} == {FewEffectiveSamplesWarning, SampleSizeWarning}
+    message = str(next(w.message for w in record if type(w.message) is SampleSizeWarning))
     # Names the cause (ESS x N) and the remedies.
     assert "1.0 effective samples" in message and "x 16 proposals" in message
     assert "1 distinct configuration" in message
@@ -52,6 +55,7 @@ def test_resample_reports_distinct_configurations_and_warns():
 
 
 def test_resample_within_the_ess_does_not_warn():
+    assert FEW_EFFECTIVE_SAMPLES <= 40
     result = make_result(np.zeros(40))  # uniform weights: ESS = 40 samples
     with warnings.catch_warnings():
         warnings.simplefilter("error", SampleSizeWarning)
@@ -76,20 +80,68 @@ def test_rejected_samples_count_in_n_but_not_in_distinct():
         result.resample(True)
 
 
-def test_summary_explains_a_low_ess():
+def test_summary_says_first_that_the_result_rests_on_few_samples():
     low = one_dominant(16).summary()
-    assert "ESS 6.25 % = 1.0 effective samples" in low
-    assert "one proposal carries nearly all of the importance weight" in low
-    assert "about 1 configuration;" in low
-    high = make_result(np.zeros(int(4 * LOW_ESS_SAMPLES))).summary()
-    assert "effective samples" in high and "note:" not in high
-    assert "\n" not in high
+    first, rest = low.split("\n", 1)
+    assert first.startswith("WARNING (FewEffectiveSamplesWarning): This result rests on 1.0 effective samples")
+    assert "one proposal carries nearly all of the importance weight" in first
+    assert "about 1 configuration," in first
+    assert rest.startswith("importance: 16/16 valid proposals") and "ESS 6.25 % = 1.0 effective samples" in rest
+    assert "WARNING" not in one_dominant(16).summary(include_warnings=False)
+    high = make_result(np.zeros(int(2 * FEW_EFFECTIVE_SAMPLES))).summary()
+    assert "effective samples" in high and "WARNING" not in high and "\n" not in high
 
 
-def test_distinct_survives_save_and_load(tmp_path):
+def test_few_effective_samples_warn_in_expectation_and_resample_with_what_to_do():
+    """The issue's case: a result that rests on a handful of samples says so wherever it is used."""
+    result = make_result(np.r_[0.0, -0.5, -1.0, np.full(1997, -12.0)])  # ~3 effective samples of 2000
+    assert 2.0 < result.effective_samples < 5.0
+    with pytest.warns(FewEffectiveSamplesWarning) as record:
+        result.expectation(np.arange(2000.0))
+    message = str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller's line
+    for fix in ("More proposals are unlikely to help", "sampler.refine(", "TBGMove", "amber14-all + implicit/obc1"):
+        assert fix in message, fix
+    with pytest.warns(FewEffectiveSamplesWarning):
+        result.resample(2, seed=0)  # within 2 x ESS: only the few-samples warning
+    # The user can silence it like any warning category.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", FewEffectiveSamplesWarning)
+        result.expectation(np.arange(2000.0))
+    # 12 effective samples of uniform weights: drawing more proposals is the advice, with the number.
+    twelve = make_result(np.zeros(12))
+    (category, message), = twelve.problems()
+    assert category is FewEffectiveSamplesWarning and "Draw about 20 proposals" in message
+    assert "Draw about 320 proposals" in one_dominant(16).problems()[0][1]  # 16 proposals: may be chance
+    assert make_result(np.zeros(12), method="none").problems() == []  # raw flow samples claim nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_result(np.zeros(40)).expectation(np.arange(40.0))
+
+
+def test_a_system_far_from_the_training_hamiltonian_warns_even_with_many_samples():
+    from openmm_tbg.checks import HAMILTONIAN_GAP_KT
+
+    far = make_result(np.zeros(200), hamiltonian_gap=HAMILTONIAN_GAP_KT + 2.8)
+    assert far.effective_samples == pytest.approx(200.0)
+    with pytest.warns(HamiltonianMismatchWarning) as record:
+        far.expectation(np.ones(200))
+    message = str(record[0].message)
+    assert "6.8 kT" in message and "more proposals does not fix" in message
+    for fix in ("sampler.refine(", "TBGMove", "amber14-all + implicit/obc1"):
+        assert fix in message, fix
+    assert far.summary().startswith("WARNING (HamiltonianMismatchWarning)")
+    near = make_result(np.zeros(200), hamiltonian_gap=HAMILTONIAN_GAP_KT - 1.0)
+    assert near.problems() == []
+
+
+def test_distinct_and_hamiltonian_gap_survive_save_and_load(tmp_path):
     with pytest.warns(SampleSizeWarning):
-        frames = one_dominant(8).resample(8, seed=0)
+        frames = make_result(np.r_[0.0, np.linspace(-36.0, -60.0, 7)], hamiltonian_gap=7.5).resample(8, seed=0)
     path = tmp_path / "frames.npz"
     frames.save(path)
     loaded = SampleResult.load(path)
     assert loaded.n_distinct == 1 and loaded.effective_samples == pytest.approx(1.0)
+    assert loaded.hamiltonian_gap == 7.5
+    assert {c for c, _ in loaded.problems()} == {FewEffectiveSamplesWarning, HamiltonianMismatchWarning}
