@@ -25,7 +25,12 @@ from .utils import PLATFORM_PREFERENCE, select_platform  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReducedPotential", "select_platform", "to_kelvin", "MOLAR_GAS_CONSTANT"]
+__all__ = ["ReducedPotential", "select_platform", "to_kelvin", "MOLAR_GAS_CONSTANT", "regularise",
+           "reduced_potential_torch", "REGULARISATION_CUTOFF"]
+
+#: Reduced potentials above this (relative to the batch's minimum, kT) are flattened linear-logarithmically for
+#: gradients (`regularise`): clashes of 1e10 kT would otherwise dominate every training step.
+REGULARISATION_CUTOFF = 1000.0
 
 #: Molar gas constant in kJ/(mol K), the same value as openmm.unit's MOLAR_GAS_CONSTANT_R.
 MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
@@ -104,6 +109,27 @@ def _energies_kj(context: openmm.Context, positions: np.ndarray) -> tuple[np.nda
     return energies, n_errors
 
 
+def _energies_forces_kj(context: openmm.Context, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Energies (kJ/mol) and forces (kJ/mol/nm) of finite-position frames; OpenMM errors give ``+inf`` energy
+    and zero force. Returns energies, forces and the number of frames OpenMM refused."""
+    energies = np.full(len(positions), np.inf)
+    forces = np.zeros(positions.shape)
+    n_errors = 0
+    for i, frame in enumerate(positions):
+        try:
+            context.setPositions(frame)
+            state = context.getState(getEnergy=True, getForces=True)
+            energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            forces[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        except openmm.OpenMMException as error:
+            n_errors += 1
+            logger.debug("OpenMM could not evaluate frame %d: %s", i, error)
+    bad = ~np.isfinite(forces).all(axis=(1, 2))
+    energies[bad] = np.inf
+    forces[bad] = 0.0
+    return energies, forces, n_errors
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Worker processes (CPU platform only). Module-level state so that the pool initializer can set it.
 _WORKER_CONTEXT: Optional[openmm.Context] = None
@@ -117,6 +143,10 @@ def _worker_init(system_xml: str, platform_name: str, properties: dict) -> None:
 
 def _worker_energies(positions: np.ndarray) -> tuple[np.ndarray, int]:
     return _energies_kj(_WORKER_CONTEXT, positions)
+
+
+def _worker_energies_forces(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    return _energies_forces_kj(_WORKER_CONTEXT, positions)
 
 
 class ReducedPotential:
@@ -217,6 +247,39 @@ class ReducedPotential:
                         "the System in the other process.")
 
     # -- evaluation -----------------------------------------------------------------------------------------
+    def _evaluate(self, positions_nm, forces: bool):
+        """Energies (and forces) of finite frames, through the workers for large batches; counts failures."""
+        x = as_frames(positions_nm, self.n_atoms, hint=f" The System has {self.n_atoms} particles.")
+        n = len(x)
+        finite = np.isfinite(x).all(axis=(1, 2))
+        energies = np.full(n, np.inf)
+        f = np.zeros(x.shape) if forces else None
+        todo = np.flatnonzero(finite)
+        n_errors = 0
+        if len(todo) >= self.n_workers * self.min_frames_per_worker and self.n_workers > 1:
+            chunks = np.array_split(todo, self.n_workers)
+            work = _worker_energies_forces if forces else _worker_energies
+            for c, out in zip(chunks, self._get_pool().map(work, [x[c] for c in chunks])):
+                energies[c] = out[0]
+                if forces:
+                    f[c] = out[1]
+                n_errors += out[-1]
+        elif len(todo):
+            if forces:
+                energies[todo], f[todo], n_errors = _energies_forces_kj(self._context, x[todo])
+            else:
+                energies[todo], n_errors = _energies_kj(self._context, x[todo])
+        n_bad_positions = int(n - finite.sum())
+        bad_energy = ~np.isfinite(energies) & finite
+        energies[~np.isfinite(energies)] = np.inf  # -inf or NaN energies are failures too
+        self.statistics["n_evaluated"] += n
+        self.statistics["n_non_finite_positions"] += n_bad_positions
+        self.statistics["n_non_finite_energy"] += int(bad_energy.sum())
+        if n_bad_positions or bad_energy.any():
+            logger.debug("%d frame(s) with non-finite positions, %d with non-finite energy (%d OpenMM errors).",
+                         n_bad_positions, int(bad_energy.sum()), n_errors)
+        return energies, f
+
     def energies(self, positions_nm) -> np.ndarray:
         """Potential energies in kJ/mol; ``+inf`` where positions or energies are not finite.
 
@@ -229,30 +292,29 @@ class ReducedPotential:
         -------
         numpy.ndarray, shape (n_frames,)
         """
-        x = as_frames(positions_nm, self.n_atoms, hint=f" The System has {self.n_atoms} particles.")
-        n = len(x)
-        finite = np.isfinite(x).all(axis=(1, 2))
-        energies = np.full(n, np.inf)
-        todo = np.flatnonzero(finite)
-        n_errors = 0
-        if len(todo) >= self.n_workers * self.min_frames_per_worker and self.n_workers > 1:
-            chunks = np.array_split(todo, self.n_workers)
-            results = self._get_pool().map(_worker_energies, [x[c] for c in chunks])
-            for c, (e, k) in zip(chunks, results):
-                energies[c] = e
-                n_errors += k
-        elif len(todo):
-            energies[todo], n_errors = _energies_kj(self._context, x[todo])
-        n_bad_positions = int(n - finite.sum())
-        bad_energy = ~np.isfinite(energies) & finite
-        energies[~np.isfinite(energies)] = np.inf  # -inf or NaN energies are failures too
-        self.statistics["n_evaluated"] += n
-        self.statistics["n_non_finite_positions"] += n_bad_positions
-        self.statistics["n_non_finite_energy"] += int(bad_energy.sum())
-        if n_bad_positions or bad_energy.any():
-            logger.debug("%d frame(s) with non-finite positions, %d with non-finite energy (%d OpenMM errors).",
-                         n_bad_positions, int(bad_energy.sum()), n_errors)
-        return energies
+        return self._evaluate(positions_nm, forces=False)[0]
+
+    def energies_and_forces(self, positions_nm) -> tuple[np.ndarray, np.ndarray]:
+        """Potential energies (kJ/mol) and forces (kJ/mol/nm) of a batch, for training with the Hamiltonian.
+
+        Parameters
+        ----------
+        positions_nm : array_like or openmm.unit.Quantity, shape (n_frames, n_atoms, 3) or (n_atoms, 3)
+            Positions in nm.
+
+        Returns
+        -------
+        energies : numpy.ndarray, shape (n_frames,)
+            ``+inf`` where positions, energy or forces are not finite (counted in `statistics`).
+        forces : numpy.ndarray, shape (n_frames, n_atoms, 3)
+            ``-dU/dx``; zero where the energy is ``+inf``.
+        """
+        return self._evaluate(positions_nm, forces=True)
+
+    def reduced_and_gradient(self, positions_nm) -> tuple[np.ndarray, np.ndarray]:
+        """Reduced potentials ``u = U / kT`` and their gradients ``du/dx`` (1/nm); see `energies_and_forces`."""
+        energies, forces = self.energies_and_forces(positions_nm)
+        return energies / self.kT, -forces / self.kT
 
     def __call__(self, positions_nm) -> np.ndarray:
         """Reduced potentials ``u = U / kT`` (unitless); ``+inf`` for non-finite positions or energies.
@@ -268,3 +330,91 @@ class ReducedPotential:
             ``(n_frames,)`` reduced potentials.
         """
         return self.energies(positions_nm) / self.kT
+
+
+def regularise(u: np.ndarray, cutoff: float = REGULARISATION_CUTOFF) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-logarithmic regularisation of reduced potentials for gradients (as bgflow's ``LinLogCutoff``).
+
+    ``u_reg = u`` below ``u_min + cutoff`` and ``u_c + log(1 + u - u_c)`` above it (``u_c = u_min + cutoff``,
+    ``u_min`` the smallest finite ``u`` of the batch), so that a clash of 1e10 kT pulls no harder than a
+    moderate strain. Importance weights and every reported figure use the true ``u``; this is for training.
+
+    Parameters
+    ----------
+    u : numpy.ndarray
+        Reduced potentials (kT); ``+inf`` entries stay ``+inf``.
+    cutoff : float
+        kT above the batch minimum where the logarithmic branch starts.
+
+    Returns
+    -------
+    u_reg : numpy.ndarray
+    slope : numpy.ndarray
+        ``du_reg / du`` (1 below the cutoff, ``1 / (1 + u - u_c)`` above, 0 where ``u`` is infinite).
+    """
+    u = np.asarray(u, dtype=np.float64)
+    finite = np.isfinite(u)
+    if not finite.any():
+        return u.copy(), np.zeros_like(u)
+    u_c = float(u[finite].min()) + float(cutoff)
+    excess = np.where(finite, u - u_c, 0.0)
+    high = excess > 0
+    u_reg = np.where(high, u_c + np.log1p(np.where(high, excess, 0.0)), u)
+    slope = np.where(high, 1.0 / (1.0 + np.where(high, excess, 0.0)), 1.0)
+    return u_reg, np.where(finite, slope, 0.0)
+
+
+class _ReducedPotentialFunction:
+    """Holder of the autograd function (built lazily so that importing energy does not import torch)."""
+
+    function = None
+
+    @classmethod
+    def get(cls):
+        if cls.function is None:
+            import torch
+
+            class ReducedPotentialFunction(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x, potential, cutoff):
+                    u, grad = potential.reduced_and_gradient(x.detach().cpu().double().numpy())
+                    u_reg, slope = regularise(u, cutoff)
+                    ctx.save_for_backward(torch.as_tensor(grad * slope[:, None, None]).to(x))
+                    true = torch.as_tensor(u, dtype=torch.float64, device=x.device)
+                    ctx.mark_non_differentiable(true)  # reported, never differentiated
+                    return torch.as_tensor(u_reg, dtype=torch.float64, device=x.device), true
+
+                @staticmethod
+                def backward(ctx, grad_reg, grad_true):
+                    (grad,) = ctx.saved_tensors
+                    return grad * grad_reg.to(grad)[:, None, None], None, None
+
+            cls.function = ReducedPotentialFunction
+        return cls.function
+
+
+def reduced_potential_torch(potential: "ReducedPotential", x, cutoff: float = REGULARISATION_CUTOFF):
+    """Reduced potentials of a torch batch of positions, differentiable with respect to the positions.
+
+    Energies and forces come from OpenMM (`ReducedPotential.reduced_and_gradient`); the backward pass returns
+    ``du_reg/dx`` of the regularised potential (`regularise`), so that losses such as the reverse KL divergence
+    ``E_q[u + log q]`` can differentiate through a flow's sampling path.
+
+    Parameters
+    ----------
+    potential : ReducedPotential
+    x : torch.Tensor
+        ``(B, N, 3)`` positions, nm (any float dtype, any device; OpenMM runs on the platform of ``potential``).
+    cutoff : float
+        Regularisation cutoff, kT above the batch minimum.
+
+    Returns
+    -------
+    u_reg : torch.Tensor
+        ``(B,)`` float64 regularised reduced potentials, differentiable; ``+inf`` where the energy is not finite
+        (its gradient is zero: leave such rows out of a loss).
+    u : torch.Tensor
+        ``(B,)`` float64 true reduced potentials, not differentiable (for weights and reports).
+    """
+    u_reg, u = _ReducedPotentialFunction.get().apply(x, potential, float(cutoff))
+    return u_reg, u.detach()
