@@ -330,6 +330,42 @@ class InternalCoordinateFlow(nn.Module):
         self.last_stats = {"n_batches": len(xs)}
         return torch.cat(xs), torch.cat(lqs)
 
+    def rsample(self, context: Any, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``n`` draws on a differentiable (reparameterised) path, for losses through the sampling path such as
+        the reverse KL divergence ``E_q[u(x) + log q(x)]`` (`openmm_tbg.refinement`).
+
+        The draws are in the canonical twin labelling and the canonical orientation (no random rotation and no
+        twin swaps): the Hamiltonian is invariant under both. ``log q`` is ``log q_c - G log 2`` for ``G`` twin
+        groups: the symmetrised density of `sample` and `log_prob` where only one labelling of each group is
+        canonical, and less than it where another labelling is canonical too, since those terms of its sum are
+        left out. That makes ``E[u + log q]`` an upper bound of the reverse KL
+        divergence of the symmetrised density, which is fine to train on; anything reported uses `sample`.
+
+        Returns
+        -------
+        dict
+            ``x`` ``(n, N, 3)`` positions (nm, topology order, centroid at the origin, differentiable),
+            ``log_q`` ``(n,)`` float64 (differentiable), ``z`` ``(n, N, 3)`` whitened data-side coordinates
+            (detached; ``log_prob_whitened`` of them is the trainable part of ``log q``), ``inside`` ``(n,)``
+            bool: the draw lies in the coordinates' support (False rows hold finite placeholders).
+        """
+        context = self._as_context(context)
+        batch = self._batch(context, int(n))
+        z, log_q = self.sample_whitened(batch, generator)
+        ic = self.unwhiten(z, batch)
+        _, log_det_white = self.whiten(ic, batch)
+        bonds, angles, dihedrals = ic.unbind(-1)
+        dof = batch["dof"]
+        inside = ~((dof[..., 0] & (bonds <= 0)) | (dof[..., 1] & ((angles <= 0) | (angles >= math.pi)))).any(1)
+        safe = inside[:, None]
+        bonds = torch.where(safe | ~dof[..., 0], bonds, torch.ones_like(bonds))
+        angles = torch.where(safe | ~dof[..., 1], angles, torch.full_like(angles, math.pi / 2))
+        x, reachable = from_internal(bonds, angles, dihedrals, context.zmatrix, return_support=True)
+        inside = inside & reachable
+        log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix, positions=x)
+        log_q = log_q - len(context.swaps) * math.log(2.0)
+        return {"x": x, "log_q": log_q, "z": z.detach(), "inside": inside.detach()}
+
     def _symmetrise(self, x: torch.Tensor, log_q: torch.Tensor, context: ICContext,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply each twin swap with probability 1/2 (`openmm_tbg.twins`); ``log p = log q_c - G log 2`` unless
