@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("openmm_tbg.data", "generate MD training data (XY.pdb + XY.npz) with OpenMM"),
     "train": ("openmm_tbg.training", "train a transferable flow (flow matching or maximum likelihood)"),
     "sample": ("openmm_tbg.sample_command", "draw Boltzmann-generator samples for a peptide"),
+    "refine": ("openmm_tbg.refine_command", "refine a model on one peptide's System with its energies (no MD)"),
     "evaluate": ("openmm_tbg.evaluation", "evaluate a model against MD (ESS, W2, Ramachandran)"),
 }
 

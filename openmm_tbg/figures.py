@@ -22,7 +22,8 @@ from .weights import kish_ess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["backbone_torsion_pairs", "ramachandran_figure", "save_ramachandran", "log_ticks", "MIN_SAMPLES",
+__all__ = ["backbone_torsion_pairs", "ramachandran_figure", "save_ramachandran", "save_refinement_history",
+           "log_ticks", "MIN_SAMPLES",
            "DYNAMIC_RANGE"]
 
 #: Fewest (effective) samples a panel needs before it is drawn as a histogram.
@@ -250,6 +251,44 @@ def save_ramachandran(result, path: Union[str, os.PathLike], title: Optional[str
     lw = np.asarray(result.log_weights, dtype=np.float64)[valid]
     kwargs.setdefault("effective_samples", result.effective_samples)
     fig = ramachandran_figure(result.positions[valid], result.topology, log_weights=lw, title=title, **kwargs)
+    fig.savefig(path, dpi=100)
+    logger.info("wrote %s", path)
+    return os.fspath(path)
+
+
+def save_refinement_history(result, path: Union[str, os.PathLike], title: Optional[str] = None) -> str:
+    """Write a PNG of a refinement run (`openmm_tbg.refinement.RefinementResult`): the Kish ESS and the valid
+    fraction of each evaluation's fresh proposals against wall time, the kept (best) state marked.
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = result.history
+    seconds = np.array([h["seconds"] for h in history])
+    ess = 100 * np.array([h["ess"] for h in history])
+    valid = 100 * np.array([h["valid"] for h in history])
+    fig = Figure(figsize=(8, 3.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    left.plot(seconds, ess, "o-", color="C0")
+    best = [i for i, h in enumerate(history) if h["step"] == result.best_step]
+    if best:
+        left.plot(seconds[best], ess[best], "*", color="C3", markersize=14, label=f"kept (step {result.best_step})")
+        left.legend(loc="best", fontsize=8)
+    left.set_yscale("log")
+    left.set_xlabel("wall time (s)")
+    left.set_ylabel("Kish ESS of fresh proposals (%)")
+    right.plot(seconds, valid, "o-", color="C2")
+    right.set_xlabel("wall time (s)")
+    right.set_ylabel("valid proposals (%)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     logger.info("wrote %s", path)
     return os.fspath(path)

@@ -22,6 +22,7 @@ from .checkpoint import resolve_model
 from .checks import (HamiltonianComparison, check_positions, check_system, check_system_structure,
                      topology_atom_labels, warn_plain_low_temperature)
 from .energy import MOLAR_GAS_CONSTANT, ReducedPotential, to_kelvin
+from .refinement import check_refined_for
 from .results import SampleResult
 from .utils import resolve_device, spawn_generators
 from .validity import REJECTION_REASONS, ValidityChecker
@@ -167,6 +168,9 @@ class BoltzmannGeneratorSampler:
         self.hamiltonian = HamiltonianComparison(system, topology, self.temperature, self.flow, platform)
         self.seed_sequence = np.random.SeedSequence(seed)
         self._rng, self._torch_generator = spawn_generators(self.seed_sequence, torch_first=True)
+        self._reference_positions = positions
+        self.refinement = None  # set on samplers returned by refine()
+        check_refined_for(self.flow, system, topology, self.temperature)  # warns for a model refined elsewhere
         logger.info("BoltzmannGeneratorSampler: %d atoms, T = %.1f K, flow on %s, model %s", n_atoms,
                     self.temperature, self.device, self.model_path or "(in memory)")
 
@@ -338,6 +342,66 @@ class BoltzmannGeneratorSampler:
         """Release energy worker processes."""
         self.reduced_potential.close()
         self.hamiltonian.close()
+
+    def with_model(self, model, seed: Optional[int] = None) -> "BoltzmannGeneratorSampler":
+        """A sampler for the same System, Topology, temperature and options with another model.
+
+        Parameters
+        ----------
+        model : path or Flow
+            As the constructor's ``model``.
+        seed : int, optional
+            Seed of the new sampler (None: a child of this sampler's seed sequence).
+        """
+        options = {("ode_method" if k == "method" else k): v for k, v in self.flow_options.items()}
+        if seed is None:
+            seed = int(self.seed_sequence.spawn(1)[0].generate_state(1, dtype=np.uint32)[0])
+        return BoltzmannGeneratorSampler(
+            self.system, self.topology, model=model, temperature=self.temperature, device=self.device,
+            batch_size=self.batch_size, seed=seed, encoding=self.encoding,
+            positions=self._reference_positions, platform=self.reduced_potential.platform,
+            n_workers=self.reduced_potential.n_workers, **self.validity_options, **options)
+
+    def refine(self, max_seconds: Optional[float] = 300.0, *, max_steps: Optional[int] = None,
+               seed: Optional[int] = 0, out=None, progress: bool = True, options=None,
+               **overrides) -> "BoltzmannGeneratorSampler":
+        """Refine the model on this System with its energies and forces (no MD); return a new sampler.
+
+        Starts from this sampler's model and minimises the reverse KL divergence to the Boltzmann distribution
+        together with maximum likelihood on its own importance-weighted proposals, which keeps the basins the
+        model visits (`openmm_tbg.refinement`). Stops at the budget, or early when the ESS of fresh proposals
+        stops improving, and keeps the best state. The new sampler's weights are exact like this one's.
+
+        Parameters
+        ----------
+        max_seconds : float or None
+            Wall-clock budget, s (evaluations included).
+        max_steps : int, optional
+            Step budget.
+        seed : int or None
+            Seeds the run.
+        out : path, optional
+            Save the refined model (a checkpoint any sampler, `TBGMove` or ``openmm-tbg sample`` loads; it
+            records the parent's sha256 and this System's fingerprint).
+        progress : bool
+            Progress bar with the ESS of fresh proposals.
+        options : RefinementOptions, optional
+            All settings; ``overrides`` (e.g. ``learning_rate=1e-4``) replace single ones.
+
+        Returns
+        -------
+        BoltzmannGeneratorSampler
+            With attribute ``refinement``, a `openmm_tbg.refinement.RefinementResult`.
+
+        Examples
+        --------
+        >>> refined = sampler.refine(max_seconds=120, out="aa_refined.pt")     # doctest: +SKIP
+        >>> refined.refinement.summary(), refined.sample(1000).ess              # doctest: +SKIP
+        """
+        from .refinement import refine
+
+        return refine(self, options, seed=seed, out=out, progress=progress, max_seconds=max_seconds,
+                      max_steps=max_steps, **overrides)
 
 
 # Names that lived here before the restructuring, still importable from this module.

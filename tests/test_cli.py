@@ -46,7 +46,8 @@ def test_missing_module_and_missing_hooks(monkeypatch, capsys):
 def test_command_table_matches_contract():
     assert {k: v[0] for k, v in cli.COMMANDS.items()} == {
         "simulate": "openmm_tbg.data", "train": "openmm_tbg.training",
-        "sample": "openmm_tbg.sample_command", "evaluate": "openmm_tbg.evaluation"}
+        "sample": "openmm_tbg.sample_command", "refine": "openmm_tbg.refine_command",
+        "evaluate": "openmm_tbg.evaluation"}
 
 
 def test_bad_argument_exit_code():
