@@ -15,6 +15,7 @@ from ..ic_context import NARROW_DIHEDRALS
 from ..ic_statistics import WHITENING_SOURCES
 from ..zmatrix import RING_CLOSURES
 from .config import COUPLINGS, TrainingConfig
+from .energy_objective import OBJECTIVES
 from .loop import train
 from .resume import read_resume_file, resume_path
 
@@ -25,7 +26,9 @@ _CLI_TO_CONFIG = {
     "sigma": "sigma", "length_scale": "length_scale", "ot_iterations": "ot_iterations", "log_every": "log_every",
     "family": "family", "rounds": "rounds", "blocks": "blocks", "bins": "bins",
     "peptides_per_batch": "peptides_per_batch", "narrow_dihedrals": "narrow_dihedrals", "whitening": "whitening",
-    "ring_closure": "ring_closure",
+    "ring_closure": "ring_closure", "objective": "objective", "kl_weight": "kl_weight",
+    "kl_warmup": "kl_warmup_steps", "kl_peptides": "kl_peptides", "kl_samples": "kl_samples",
+    "energy_cutoff": "energy_cutoff",
 }
 
 
@@ -93,6 +96,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="internal-coordinate: parametrise each ring closure by the closing atom's angle or by "
                             "the closure bond's length (default: angle, or the --init-from model's; with "
                             "--init-from, 'distance' converts a model with angle closures)")
+    energy = parser.add_argument_group("objective (internal-coordinate flow)")
+    energy.add_argument("--objective", choices=list(OBJECTIVES), default=None,
+                        help="ml: maximum likelihood on the MD frames; kl: reverse KL divergence to the Boltzmann "
+                             "distribution of the data set's Hamiltonian (OpenMM energies and forces); ml+kl: both "
+                             f"({d.objective})")
+    energy.add_argument("--kl-weight", type=float, default=None, help=f"weight of the KL term ({d.kl_weight})")
+    energy.add_argument("--kl-warmup", type=int, default=None,
+                        help=f"steps over which the KL weight ramps up from 0 ({d.kl_warmup_steps})")
+    energy.add_argument("--kl-peptides", type=int, default=None,
+                        help=f"peptides in the KL term of one step ({d.kl_peptides})")
+    energy.add_argument("--kl-samples", type=int, default=None,
+                        help=f"proposals per peptide and step for the KL term ({d.kl_samples})")
+    energy.add_argument("--energy-cutoff", type=float, default=None,
+                        help=f"kT above the batch minimum where energy gradients are flattened ({d.energy_cutoff})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:

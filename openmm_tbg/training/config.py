@@ -89,6 +89,20 @@ class TrainingConfig:
         Internal-coordinate flow: ``"angle"`` or ``"distance"``, how the Z-matrix parametrises ring closures
         (`openmm_tbg.zmatrix`). None: ``"angle"`` for a new model, the parent's with ``init_from``; a parent
         with angle closures given ``"distance"`` is converted (`convert_to_closure_distances`).
+    objective : str
+        Internal-coordinate flow: ``"ml"`` (maximum likelihood on the MD frames), ``"kl"`` (reverse KL divergence
+        to the Boltzmann distribution of the data set's Hamiltonian, from OpenMM energies and forces) or
+        ``"ml+kl"`` (their sum; `openmm_tbg.training.energy_objective`). The CNF trains by flow matching only.
+    kl_weight : float
+        Weight of the reverse-KL term (per degree of freedom, like the likelihood loss).
+    kl_warmup_steps : int
+        Steps of this run over which the KL weight ramps up linearly from 0 (0: at once).
+    kl_peptides : int
+        Peptides whose proposals enter the KL term of one step.
+    kl_samples : int
+        Proposals per peptide and step for the KL term.
+    energy_cutoff : float
+        kT above a batch's lowest energy where the energy's gradient is flattened (`openmm_tbg.energy.regularise`).
     """
 
     n_layers: int = 5
@@ -121,6 +135,12 @@ class TrainingConfig:
     narrow_dihedrals: str = "wrapped"
     whitening: str = "md"
     ring_closure: str | None = None
+    objective: str = "ml"
+    kl_weight: float = 1.0
+    kl_warmup_steps: int = 0
+    kl_peptides: int = 4
+    kl_samples: int = 32
+    energy_cutoff: float = 100.0
 
     def validate(self) -> None:
         """Raise :class:`ValueError` naming the first invalid field and the valid range."""
@@ -129,12 +149,12 @@ class TrainingConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"Unknown model family {self.family!r}; use one of {sorted(FAMILIES)}.")
         positive_ints = ("n_layers", "hidden", "batch_size", "steps", "ot_iterations", "log_every", "rounds",
-                         "blocks", "bins", "peptides_per_batch")
+                         "blocks", "bins", "peptides_per_batch", "kl_peptides", "kl_samples")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "kl_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TrainingConfig.{name} must be a non-negative integer, got {value!r}.")
@@ -145,6 +165,19 @@ class TrainingConfig:
                 f"TrainingConfig.length_scale must be a positive number of nm (or None to estimate it from the "
                 f"data), got {self.length_scale!r}."
             )
+        from .energy_objective import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainingConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.objective != "ml" and self.family == "egnn-cnf":
+            raise ValueError(
+                f"TrainingConfig.objective {self.objective!r} needs samples with an exact, differentiable log q; the "
+                "egnn-cnf family's costs 3N backward passes per ODE node (hours per batch on a CPU), so it trains by "
+                "flow matching only. Use --family internal-coordinate for the energy objectives.")
+        for name in ("kl_weight", "energy_cutoff"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"TrainingConfig.{name} must be >= 0 and finite, got {value!r}.")
         for name in ("lr", "prior_std"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):

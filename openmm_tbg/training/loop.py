@@ -18,6 +18,7 @@ from ..data.splits import check_not_test_split
 from ..utils import device_name, machine_info, portable_command, portable_path
 from .batching import PeptideBatchSampler, estimate_length_scale, flow_matching_loss, make_generators, \
     make_training_batch
+from .energy_objective import EnergyTeacher, kl_weight
 from .likelihood import ICTrainingData, likelihood_loss
 from .config import TrainingConfig, lr_factor
 from .distributed import DistInfo, gather_objects, mean_over_ranks, setup_distributed, teardown, wrap_model
@@ -82,6 +83,8 @@ class _Run:
     wall_before: float = 0.0
     global_rng: dict[str, Any] | None = None  # the global RNG states the interrupted run had
     smoothed: float | None = None
+    teacher: EnergyTeacher | None = None  # energies and forces for the reverse-KL objective
+    start_step: int = 0  # the step this process started (or resumed) at: the KL warm-up counts from here
 
     @property
     def rpath(self) -> str:
@@ -156,6 +159,13 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
                ema=EMA(vector_field, config.ema_decay) if config.ema_decay > 0 else None)
     if state is not None:
         _load_state(run, state)
+    run.start_step = run.step
+    if config.family == "internal-coordinate" and config.objective != "ml":
+        if dist_info.world_size > 1:
+            raise ValueError(
+                f"objective {config.objective!r} is not supported under DDP yet (its proposals do not go through "
+                "the DDP wrapper, so their gradients would not be averaged); run it in one process.")
+        run.teacher = EnergyTeacher(trajectories)
     return run
 
 
@@ -190,6 +200,8 @@ def _metadata(run: _Run, wall: float, hardware: dict[str, Any]) -> dict[str, Any
         "ema_weights": run.ema is not None,
         "command_line": run.command_line,
         "init_from": run.parent,
+        "energy_proposals": None if run.teacher is None else {"n": run.teacher.n_proposals,
+                                                               "rejected": run.teacher.n_rejected},
     }}
 
 
@@ -218,7 +230,20 @@ def _optimisation_step(run: _Run, model: torch.nn.Module, bar) -> None:
         batch = make_training_batch(run.sampler, config, config.length_scale, run.gen).to(run.device)
         loss = flow_matching_loss(model, batch, config.sigma)
     else:
-        loss = likelihood_loss(model, run.sampler.batch(config.batch_size, run.np_rng, run.device))
+        loss = None
+        if config.objective in ("ml", "ml+kl"):
+            loss = likelihood_loss(model, run.sampler.batch(config.batch_size, run.np_rng, run.device))
+        weight = kl_weight(run.step - run.start_step, config)
+        if run.teacher is not None and weight > 0:
+            peptides = run.sampler.peptides
+            chosen = run.np_rng.choice(len(peptides), size=min(config.kl_peptides, len(peptides)), replace=False)
+            kl = run.teacher.loss(run.vector_field, [peptides[i] for i in chosen], config.kl_samples, run.np_rng,
+                                  run.gen, config.energy_cutoff)
+            if kl is not None:
+                kl = weight * kl
+                loss = kl if loss is None else loss + kl
+        if loss is None:  # a KL-only step whose proposals were all rejected: nothing to learn from
+            loss = torch.zeros((), device=run.device, requires_grad=True)
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"Non-finite training loss at step {run.step + 1}; lower --lr, raise --warmup or enable "
@@ -305,7 +330,8 @@ def train(
         from tqdm.auto import tqdm
 
         # Name the objective the user is watching, so an IC run's loss is not read as a flow-matching loss.
-        objective = "flow matching" if config.family == "egnn-cnf" else "maximum likelihood"
+        objective = "flow matching" if config.family == "egnn-cnf" else {
+            "ml": "maximum likelihood", "kl": "reverse KL", "ml+kl": "likelihood + reverse KL"}[config.objective]
         bar = tqdm(total=until, initial=run.step, desc=objective, unit="step", dynamic_ncols=True)
     try:
         with run_rng_scope(run.global_rng):
