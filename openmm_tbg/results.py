@@ -30,7 +30,10 @@ _REMEDIES = ("draw more proposals (sample(n) with a larger n, or --samples), use
              "sample(n, method='metropolis') or TBGMove next to MD for correlated but exact samples")
 
 
-_REFINE = "refine the model on this System (sampler.refine(...))"
+# What refinement does, as measured on the test dipeptides (docs/performance.md, 2026-12-03): it makes nearly every
+# proposal valid, but does not reliably raise the ESS and lowers the proposals of rarely proposed basins.
+_REFINE = ("refine the model on this System (sampler.refine(...): nearly all proposals valid after a minute, but "
+           "the ESS gain varies and rarely proposed basins get rarer)")
 _HYBRID = ("run hybrid MD/BG with TBGMove (SequenceMove([LangevinDynamicsMove(...), TBGMove(sampler)]): exact "
            "whatever the model)")
 _TRAINING = ("build the System with the model's training Hamiltonian ({training}: openmm_tbg.build_peptide(sequence) "
@@ -218,8 +221,7 @@ class SampleResult:
             elif self.n_valid and (n_eff >= 5.0 or self.n_proposals < _FEW_PROPOSALS):
                 needed = int(np.ceil(FEW_EFFECTIVE_SAMPLES / max(self.ess, 1e-300)))
                 advice = (f"Draw about {needed} proposals (sample(n) with a larger n), which gives "
-                          f"{FEW_EFFECTIVE_SAMPLES:g} effective samples if the ESS fraction holds; or {_REFINE} "
-                          f"for a higher ESS fraction.")
+                          f"{FEW_EFFECTIVE_SAMPLES:g} effective samples if the ESS fraction holds; or {_REFINE}.")
             elif not self.n_valid and self.n_proposals < _FEW_PROPOSALS:
                 advice = (f"Draw more proposals (sample(n) with a larger n); if few stay valid, {fixes}.")
             else:
