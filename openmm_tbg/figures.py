@@ -280,7 +280,6 @@ def save_refinement_history(result, path: Union[str, os.PathLike], title: Option
     if best:
         left.plot(seconds[best], ess[best], "*", color="C3", markersize=14, label=f"kept (step {result.best_step})")
         left.legend(loc="best", fontsize=8)
-    left.set_yscale("log")
     left.set_xlabel("wall time (s)")
     left.set_ylabel("Kish ESS of fresh proposals (%)")
     right.plot(seconds, valid, "o-", color="C2")

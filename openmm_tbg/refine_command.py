@@ -44,6 +44,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"weight of the reverse-KL term (default {d.kl_weight:g})")
     parser.add_argument("--ml-weight", type=float, default=d.ml_weight,
                         help=f"weight of the buffer likelihood term (default {d.ml_weight:g})")
+    parser.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                        help="weight of the likelihood of the starting model's raw proposals, which holds the basins "
+                             f"it proposes (default {d.anchor_weight:g}: off)")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
                         help=f"fresh proposals per evaluation (default {d.eval_samples})")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -88,6 +91,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
         options = RefinementOptions(max_seconds=args.max_seconds, max_steps=args.max_steps,
                                     learning_rate=args.learning_rate, batch_size=args.batch_size,
                                     kl_weight=args.kl_weight, ml_weight=args.ml_weight,
+                                    anchor_weight=args.anchor_weight,
                                     eval_samples=args.eval_samples, eval_every=args.eval_every,
                                     patience=args.patience)
         try:

@@ -377,3 +377,19 @@ def test_cli_refine_writes_a_model_that_sample_loads(tmp_path):
     if not os.access(tmp_path / "locked", os.W_OK):  # (root can write anywhere)
         assert cli.main(["refine", "--sequence", "AA", "--out", str(tmp_path / "locked" / "m.pt"),
                          "--max-steps", "1"]) == 2
+
+
+def test_the_parent_anchor_holds_the_wells_that_reverse_kl_drains():
+    """`anchor_weight` adds the likelihood of the starting model's raw proposals: with it, reverse KL alone
+    (the objective that drains a well in the test above, same seeds) keeps both wells in the raw proposals."""
+    sampler = _toy_sampler()
+    settings = dict(max_seconds=None, max_steps=150, learning_rate=3e-3, batch_size=128, ml_batch_size=128,
+                    eval_every=50, eval_samples=512, patience=0, progress=False, seed=1, ml_weight=0.0,
+                    kl_weight=1.0)
+    anchored = sampler.refine(anchor_weight=1.0, **settings)
+    raw, estimate, error = _negative_fraction(anchored)
+    assert 0.3 < raw < 0.7, raw  # (reverse KL alone: 0.25 in the test above)
+    assert abs(estimate - 0.5) < 4 * error + 0.02
+    assert anchored.flow.checkpoint_metadata["refinement"]["options"]["anchor_weight"] == 1.0
+    with pytest.raises(ValueError, match="anchor_weight"):
+        sampler.refine(max_steps=1, anchor_weight=-1.0)
