@@ -362,9 +362,9 @@ class BoltzmannGeneratorSampler:
             positions=self._reference_positions, platform=self.reduced_potential.platform,
             n_workers=self.reduced_potential.n_workers, **self.validity_options, **options)
 
-    def refine(self, max_seconds: Optional[float] = 300.0, *, max_steps: Optional[int] = None,
-               seed: Optional[int] = 0, out=None, progress: bool = True, options=None,
-               **overrides) -> "BoltzmannGeneratorSampler":
+    def refine(self, max_seconds: Union[float, None, str] = "default", *,
+               max_steps: Union[int, None, str] = "default", seed: Optional[int] = 0, out=None,
+               progress: bool = True, options=None, **overrides) -> "BoltzmannGeneratorSampler":
         """Refine the model on this System with its energies and forces (no MD); return a new sampler.
 
         Starts from this sampler's model and minimises the reverse KL divergence to the Boltzmann distribution
@@ -375,9 +375,9 @@ class BoltzmannGeneratorSampler:
         Parameters
         ----------
         max_seconds : float or None
-            Wall-clock budget, s (evaluations included).
-        max_steps : int, optional
-            Step budget.
+            Wall-clock budget, s (evaluations included); ``"default"``: that of ``options`` (300 s without).
+        max_steps : int or None
+            Step budget; ``"default"``: that of ``options`` (none without).
         seed : int or None
             Seeds the run.
         out : path, optional
@@ -400,8 +400,9 @@ class BoltzmannGeneratorSampler:
         """
         from .refinement import refine
 
-        return refine(self, options, seed=seed, out=out, progress=progress, max_seconds=max_seconds,
-                      max_steps=max_steps, **overrides)
+        budget = {k: v for k, v in (("max_seconds", max_seconds), ("max_steps", max_steps))
+                  if not (isinstance(v, str) and v == "default")}
+        return refine(self, options, seed=seed, out=out, progress=progress, **budget, **overrides)
 
 
 # Names that lived here before the restructuring, still importable from this module.

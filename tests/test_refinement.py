@@ -354,6 +354,12 @@ def test_refine_refuses_the_cnf_and_bad_options():
         toy.refine(max_seconds=None)
     with pytest.raises(TypeError, match="unknown option 'learning_rat'"):
         toy.refine(max_steps=1, learning_rat=1e-3)
+    from openmm_tbg.refinement import RefinementOptions
+
+    # the budget of `options` holds unless max_seconds / max_steps are given
+    options = RefinementOptions(max_seconds=None, max_steps=2, eval_every=1, eval_samples=32)
+    assert toy.refine(options=options, progress=False).refinement.steps == 2
+    assert toy.refine(options=options, max_steps=1, progress=False).refinement.steps == 1
 
 
 def test_cli_refine_writes_a_model_that_sample_loads(tmp_path):
