@@ -484,3 +484,11 @@ def test_energy_objective_lowers_the_reverse_kl_and_is_recorded(tmp_path, train_
         TrainingConfig(objective="kl").validate()
     with pytest.raises(ValueError, match="objective must be one of"):
         TrainingConfig(family="internal-coordinate", objective="fab").validate()
+
+
+def test_kl_weight_schedule_ramps_from_the_runs_first_step():
+    from openmm_tbg.training.energy_objective import kl_weight
+
+    cfg = TrainingConfig(family="internal-coordinate", objective="ml+kl", kl_weight=0.5, kl_warmup_steps=4)
+    assert [kl_weight(s, cfg) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert kl_weight(0, TrainingConfig(family="internal-coordinate")) == 0.0  # objective "ml"

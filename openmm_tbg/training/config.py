@@ -96,7 +96,8 @@ class TrainingConfig:
     kl_weight : float
         Weight of the reverse-KL term (per degree of freedom, like the likelihood loss).
     kl_warmup_steps : int
-        Steps of this run over which the KL weight ramps up linearly from 0 (0: at once).
+        Steps from the run's first step (a run with ``init_from`` starts at 0) over which the KL weight ramps up
+        linearly from 0 (0: at once).
     kl_peptides : int
         Peptides whose proposals enter the KL term of one step.
     kl_samples : int

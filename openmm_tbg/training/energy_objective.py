@@ -27,8 +27,8 @@ OBJECTIVES = ("ml", "kl", "ml+kl")
 
 
 def kl_weight(step: int, config: Any) -> float:
-    """Weight of the reverse-KL term at optimisation step ``step`` (0-based): 0 for ``"ml"``; otherwise
-    ``config.kl_weight``, ramped linearly from 0 over ``config.kl_warmup_steps`` steps of this run."""
+    """Weight of the reverse-KL term at optimisation step ``step`` (0-based, counted from the run's first step):
+    0 for ``"ml"``; otherwise ``config.kl_weight``, ramped linearly from 0 over ``config.kl_warmup_steps``."""
     if config.objective == "ml":
         return 0.0
     ramp = 1.0 if config.kl_warmup_steps <= 0 else min(1.0, (step + 1) / config.kl_warmup_steps)

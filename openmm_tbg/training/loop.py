@@ -84,7 +84,6 @@ class _Run:
     global_rng: dict[str, Any] | None = None  # the global RNG states the interrupted run had
     smoothed: float | None = None
     teacher: EnergyTeacher | None = None  # energies and forces for the reverse-KL objective
-    start_step: int = 0  # the step this process started (or resumed) at: the KL warm-up counts from here
 
     @property
     def rpath(self) -> str:
@@ -159,7 +158,6 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
                ema=EMA(vector_field, config.ema_decay) if config.ema_decay > 0 else None)
     if state is not None:
         _load_state(run, state)
-    run.start_step = run.step
     if config.family == "internal-coordinate" and config.objective != "ml":
         if dist_info.world_size > 1:
             raise ValueError(
@@ -200,6 +198,7 @@ def _metadata(run: _Run, wall: float, hardware: dict[str, Any]) -> dict[str, Any
         "ema_weights": run.ema is not None,
         "command_line": run.command_line,
         "init_from": run.parent,
+        # counted by this process (a resumed run starts counting again)
         "energy_proposals": None if run.teacher is None else {"n": run.teacher.n_proposals,
                                                                "rejected": run.teacher.n_rejected},
     }}
@@ -233,7 +232,7 @@ def _optimisation_step(run: _Run, model: torch.nn.Module, bar) -> None:
         loss = None
         if config.objective in ("ml", "ml+kl"):
             loss = likelihood_loss(model, run.sampler.batch(config.batch_size, run.np_rng, run.device))
-        weight = kl_weight(run.step - run.start_step, config)
+        weight = kl_weight(run.step, config)  # from the run's first step, so that a resume continues exactly
         if run.teacher is not None and weight > 0:
             peptides = run.sampler.peptides
             chosen = run.np_rng.choice(len(peptides), size=min(config.kl_peptides, len(peptides)), replace=False)
