@@ -314,15 +314,8 @@ class InternalCoordinateFlow(nn.Module):
             m = min(batch_size, n - start)
             batch = self._batch(context, m)
             z, log_q = self.sample_whitened(batch, generator)
-            ic = self.unwhiten(z, batch)
-            _, log_det_white = self.whiten(ic, batch)
-            bonds, angles, dihedrals = ic.unbind(-1)
-            dof = batch["dof"]
-            inside = ~((dof[..., 0] & (bonds <= 0)) | (dof[..., 1] & ((angles <= 0) | (angles >= math.pi)))).any(1)
             rot = random_rotations(m, generator, device=self.device)
-            x, reachable = from_internal(bonds, angles, dihedrals, context.zmatrix, rot, return_support=True)
-            inside &= reachable  # closure distances that no angle on their branch reaches
-            log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix, positions=x)
+            x, log_q, inside = self._build_positions(z, log_q, batch, context, rot)
             log_q = torch.where(inside, log_q, torch.full_like(log_q, float("nan")))
             x, log_q = self._symmetrise(x, log_q, context, generator)
             lqs.append(log_q.cpu())
@@ -352,19 +345,32 @@ class InternalCoordinateFlow(nn.Module):
         context = self._as_context(context)
         batch = self._batch(context, int(n))
         z, log_q = self.sample_whitened(batch, generator)
+        x, log_q, inside = self._build_positions(z, log_q, batch, context, placeholders=True)
+        log_q = log_q - len(context.swaps) * math.log(2.0)
+        return {"x": x, "log_q": log_q, "z": z.detach(), "inside": inside.detach()}
+
+    def _build_positions(self, z: torch.Tensor, log_q: torch.Tensor, batch: dict, context: ICContext,
+                         rotations: Optional[torch.Tensor] = None, placeholders: bool = False):
+        """Whitened draws ``z`` with their ``log q(z)`` -> ``(x, log q(x), inside)``: positions (nm, atom order),
+        the density on the centre-free subspace before the twin symmetrisation, and which rows lie in the
+        coordinates' support (bond lengths > 0, angles in (0, pi), reachable closure distances).
+
+        With ``placeholders`` the bonds and angles of rows outside the support are replaced by 1 nm and pi/2
+        before the atoms are placed, so that every row stays finite and differentiable (`rsample`); `sample`
+        keeps them as drawn (its ``log q`` is NaN there)."""
         ic = self.unwhiten(z, batch)
         _, log_det_white = self.whiten(ic, batch)
         bonds, angles, dihedrals = ic.unbind(-1)
         dof = batch["dof"]
         inside = ~((dof[..., 0] & (bonds <= 0)) | (dof[..., 1] & ((angles <= 0) | (angles >= math.pi)))).any(1)
-        safe = inside[:, None]
-        bonds = torch.where(safe | ~dof[..., 0], bonds, torch.ones_like(bonds))
-        angles = torch.where(safe | ~dof[..., 1], angles, torch.full_like(angles, math.pi / 2))
-        x, reachable = from_internal(bonds, angles, dihedrals, context.zmatrix, return_support=True)
-        inside = inside & reachable
+        if placeholders:
+            safe = inside[:, None]
+            bonds = torch.where(safe | ~dof[..., 0], bonds, torch.ones_like(bonds))
+            angles = torch.where(safe | ~dof[..., 1], angles, torch.full_like(angles, math.pi / 2))
+        x, reachable = from_internal(bonds, angles, dihedrals, context.zmatrix, rotations, return_support=True)
+        inside = inside & reachable  # closure distances that no angle on their branch reaches
         log_q = log_q + log_det_white + log_jacobian(bonds.abs(), angles, context.zmatrix, positions=x)
-        log_q = log_q - len(context.swaps) * math.log(2.0)
-        return {"x": x, "log_q": log_q, "z": z.detach(), "inside": inside.detach()}
+        return x, log_q, inside
 
     def _symmetrise(self, x: torch.Tensor, log_q: torch.Tensor, context: ICContext,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
