@@ -61,7 +61,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_from_cli(args: argparse.Namespace) -> int:
     """Run ``openmm-tbg refine``; returns the exit status."""
-    from .peptides import build_peptide, create_system
+    from .sample_command import peptide_from_args
     from .sampler import BoltzmannGeneratorSampler
 
     if args.torch_threads < 1:
@@ -73,17 +73,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    if args.sequence:
-        pep = build_peptide(args.sequence)
-        system, topology, positions, name = pep.system, pep.topology, pep.positions, args.sequence
-    else:
-        from openmm.app import PDBFile
-
-        if not os.path.exists(args.pdb):
-            raise FileNotFoundError(f"--pdb {args.pdb} does not exist; pass the path of a PDB file of the peptide.")
-        pdb = PDBFile(args.pdb)
-        system, topology, positions = create_system(pdb.topology), pdb.topology, pdb.positions
-        name = os.path.basename(args.pdb)
+    system, topology, positions, name = peptide_from_args(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sampler = BoltzmannGeneratorSampler(system, topology, model=args.model, temperature=args.temperature,

@@ -160,10 +160,24 @@ def _resample(result, k: int, seed: int, paths: dict, printed: set) -> None:
           f"{frames.n_distinct} distinct configuration{'s' if frames.n_distinct != 1 else ''}")
 
 
-def run_from_cli(args: argparse.Namespace) -> int:
-    """Run ``openmm-tbg sample``; returns the exit status (1 when no proposal is valid)."""
+def peptide_from_args(args: argparse.Namespace):
+    """``(system, topology, positions, name)`` of ``--sequence`` (built) or ``--pdb`` (System from the data
+    set's Hamiltonian); shared by ``openmm-tbg sample`` and ``openmm-tbg refine``."""
     from .peptides import build_peptide, create_system
 
+    if args.sequence:
+        pep = build_peptide(args.sequence)
+        return pep.system, pep.topology, pep.positions, args.sequence
+    from openmm.app import PDBFile
+
+    if not os.path.exists(args.pdb):
+        raise FileNotFoundError(f"--pdb {args.pdb} does not exist; pass the path of a PDB file of the peptide.")
+    pdb = PDBFile(args.pdb)
+    return create_system(pdb.topology), pdb.topology, pdb.positions, os.path.basename(args.pdb)
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    """Run ``openmm-tbg sample``; returns the exit status (1 when no proposal is valid)."""
     if args.samples < 1:
         raise ValueError(f"--samples must be a positive integer, got {args.samples}.")
     if args.resample < 0:
@@ -181,18 +195,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
         print(f"seed: {seed} (drawn at random; --seed {seed} repeats this run)")
     else:
         print(f"seed: {seed}")
-    if args.sequence:
-        pep = build_peptide(args.sequence)
-        system, topology, positions = pep.system, pep.topology, pep.positions
-        name = args.sequence
-    else:
-        from openmm.app import PDBFile
-
-        if not os.path.exists(args.pdb):
-            raise FileNotFoundError(f"--pdb {args.pdb} does not exist; pass the path of a PDB file of the peptide.")
-        pdb = PDBFile(args.pdb)
-        system, topology, positions = create_system(pdb.topology), pdb.topology, pdb.positions
-        name = os.path.basename(args.pdb)
+    system, topology, positions, name = peptide_from_args(args)
     paths = output_paths(args.output)
     flow, _, _ = resolve_model(args.model, resolve_device(args.device))
     batch_size = args.batch_size
