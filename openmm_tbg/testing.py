@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["random_orthogonal", "interchangeable_permutation", "assert_equivariant", "assert_detailed_balance",
            "LinearVectorField", "harmonic_chain", "toy_chain", "TOY_SIGMA_NM", "TOY_FLOW_STD_NM",
-           "TOY_TEMPERATURE_K"]
+           "TOY_TEMPERATURE_K", "randomise_spline_heads"]
 
 #: The exactly solvable toy of the sampler and move tests: bond-vector standard deviation of the target (nm),
 #: standard deviation of the flow (nm; wider than the target, so importance weights are bounded), temperature.
@@ -158,6 +158,20 @@ def assert_equivariant(
 
 # ----------------------------------------------------------------------------------------------------------
 # Exactly solvable toy problems for testing samplers and MCMC moves.
+
+
+def randomise_spline_heads(flow, scale: float = 0.05, seed: int = 0):
+    """Give an `InternalCoordinateFlow`'s coupling heads random weights and biases (normal, ``scale``; seeded).
+
+    An untrained internal-coordinate flow is the identity on top of its base (zero heads), which tests of its
+    Jacobians and densities would not exercise. Returns the flow (modified in place).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in flow.layers:
+            layer.head.weight.copy_(scale * torch.randn(layer.head.weight.shape, generator=g, dtype=flow.dtype))
+            layer.head.bias.copy_(scale * torch.randn(layer.head.bias.shape, generator=g, dtype=flow.dtype))
+    return flow
 
 
 class LinearVectorField(torch.nn.Module):

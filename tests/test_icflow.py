@@ -12,7 +12,7 @@ from openmm_tbg.encoding import encode_topology
 from openmm_tbg.ic_statistics import WhiteningTable
 from openmm_tbg.icflow import InternalCoordinateFlow, collate_contexts
 from openmm_tbg.internal_coordinates import to_internal
-from openmm_tbg.testing import harmonic_chain
+from openmm_tbg.testing import harmonic_chain, randomise_spline_heads
 from openmm_tbg.twins import canonicalize
 from openmm_tbg.validity import ValidityChecker
 from openmm_tbg.zmatrix import build_zmatrix
@@ -39,16 +39,6 @@ def _statistics(encoding, bonds, frames):
     return table.to_dict()
 
 
-def _randomise(flow, scale=0.05, seed=0):
-    """Non-zero spline parameters: an untrained flow is the identity on top of its base."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in flow.layers:
-            layer.head.weight.copy_(scale * torch.randn(layer.head.weight.shape, generator=g, dtype=flow.dtype))
-            layer.head.bias.copy_(scale * torch.randn(layer.head.bias.shape, generator=g, dtype=flow.dtype))
-    return flow
-
-
 @pytest.fixture(scope="module", params=["wrapped", "atanh"])
 def aa(fixture_dir, request):
     """AA with a tiny randomised flow, once per whitening of narrow dihedrals."""
@@ -58,7 +48,7 @@ def aa(fixture_dir, request):
     frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
     flow = InternalCoordinateFlow(_statistics(encoding, bonds, frames), n_rounds=1, hidden=16, n_heads=2,
                                   n_blocks=1, n_bins=4, narrow_dihedrals=request.param).double()
-    _randomise(flow)
+    randomise_spline_heads(flow)
     return pdb, encoding, bonds, frames, flow
 
 
@@ -178,7 +168,7 @@ def test_importance_sampling_recovers_a_known_partition_function(kind):
         if keys[1]:
             mean, std = math.pi / 2, 0.9
             table.entries[keys[1]] = [1000.0, 1000.0 * mean, 1000.0 * (std ** 2 + mean ** 2)]
-    flow = _randomise(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
+    flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
                                              n_bins=4, n_atom_classes=n).double(), scale=0.02)
     ctx = flow.condition(encoding, bonds)
     assert len(ctx.swaps) == (1 if kind == "methyl" else 0)
@@ -240,7 +230,7 @@ def test_closure_distances_give_a_normalised_density_on_their_branch():
     ic = torch.stack(to_internal(target[on_branch], zm), -1).numpy()
     for c in range(3):
         table.add([k[c] for k in zm.keys], ic[..., c])
-    flow = _randomise(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
+    flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
                                              n_bins=4, n_atom_classes=n, ring_closure="distance").double(),
                       scale=0.02)
     ctx = flow.condition(encoding, bonds)
@@ -278,7 +268,7 @@ def test_closure_distance_flow_on_ring_peptides(fixture_dir, name):
         table.add([k[c] for k in zm.keys], ic[..., c])
     closure_key = zm.keys[int(zm.closure_positions[0])][1]
     assert closure_key.startswith("r|") and 0.13 < table.lookup(closure_key)[0] < 0.16  # a C-C or C-N bond, nm
-    flow = _randomise(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,
+    flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,
                                              n_bins=4, ring_closure="distance").double(), scale=0.01)
     ctx = flow.condition(encoding, bonds)
     x, log_q = flow.sample(ctx, 32, generator=3, batch_size=16)
@@ -300,7 +290,7 @@ def test_twin_symmetrisation_is_exact(fixture_dir):
     encoding = encode_topology(pdb.topology)
     bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
     frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
-    flow = _randomise(InternalCoordinateFlow(_statistics(encoding, bonds, frames), n_rounds=1, hidden=16,
+    flow = randomise_spline_heads(InternalCoordinateFlow(_statistics(encoding, bonds, frames), n_rounds=1, hidden=16,
                                              n_heads=2, n_blocks=1, n_bins=4).double())
     ctx = flow.condition(encoding, bonds)
     assert len(ctx.swaps) == 3  # NH3+ and the two methyls

@@ -15,7 +15,7 @@ from openmm_tbg.ic_statistics import WhiteningTable
 from openmm_tbg.icflow import InternalCoordinateFlow
 from openmm_tbg.refinement import (RefinedForAnotherSystemWarning, ReplayBuffer, reverse_kl_terms,
                                    system_fingerprint, tempering_exponent)
-from openmm_tbg.testing import harmonic_chain
+from openmm_tbg.testing import harmonic_chain, randomise_spline_heads
 from openmm_tbg.zmatrix import build_zmatrix
 
 
@@ -25,16 +25,6 @@ def _seeded_initialisation():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
-
-
-def _randomise(flow, scale=0.05, seed=0):
-    """Non-zero spline parameters (an untrained flow is the identity on top of its base)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in flow.layers:
-            layer.head.weight.copy_(scale * torch.randn(layer.head.weight.shape, generator=g, dtype=flow.dtype))
-            layer.head.bias.copy_(scale * torch.randn(layer.head.bias.shape, generator=g, dtype=flow.dtype))
-    return flow
 
 
 def _set(table, key, mean, std):
@@ -177,7 +167,7 @@ def test_rsample_log_q_is_the_exact_log_prob(fixture_dir):
     table = WhiteningTable()
     for c in range(3):
         table.add([k[c] for k in zm.keys], ic[..., c])
-    flow = _randomise(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,
+    flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,
                                              n_bins=4).double())
     ctx = flow.condition(encoding, bonds)
     with torch.no_grad():
