@@ -29,7 +29,7 @@ import torch
 from _harness import header, markdown_table, measure_md
 
 from openmm_tbg import BoltzmannGeneratorSampler
-from openmm_tbg.data import load_peptide
+from openmm_tbg.data import load_peptide, read_splits
 from openmm_tbg.evaluation import backbone_torsions, md_independent_samples
 from openmm_tbg.peptides import create_system
 
@@ -46,10 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    names = list(args.peptides or [])
-    if args.split:
-        with open(os.path.join(args.data, "splits.json")) as fh:
-            names += json.load(fh)[args.split]
+    names = list(args.peptides or []) + (read_splits(args.data)[args.split] if args.split else [])
     refined = {}
     if args.refine_json:
         with open(args.refine_json) as fh:

@@ -36,7 +36,7 @@ import torch
 from _harness import header, markdown_table
 
 from openmm_tbg import BoltzmannGeneratorSampler
-from openmm_tbg.data import load_peptide
+from openmm_tbg.data import load_peptide, read_splits
 from openmm_tbg.figures import backbone_torsion_pairs
 from openmm_tbg.peptides import create_system
 
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    names = list(args.peptides or [])
-    if args.split:
-        with open(os.path.join(args.data, "splits.json")) as fh:
-            names += json.load(fh)[args.split]
+    names = list(args.peptides or []) + (read_splits(args.data)[args.split] if args.split else [])
     if not names:
         raise SystemExit("give --peptides or --split")
     overrides = {}
