@@ -91,43 +91,32 @@ def _make_context(system: openmm.System, platform: openmm.Platform, properties: 
     return context
 
 
-def _energies_kj(context: openmm.Context, positions: np.ndarray) -> tuple[np.ndarray, int]:
-    """Potential energies (kJ/mol) of finite-position frames; errors from OpenMM give +inf.
+def _energies_kj(context: openmm.Context, positions: np.ndarray, forces: bool = False):
+    """Potential energies (kJ/mol) of finite-position frames, and with ``forces`` their forces (kJ/mol/nm);
+    errors from OpenMM give ``+inf`` energy (and zero force), as do non-finite forces.
 
-    Returns the energies and the number of frames whose evaluation raised an OpenMMException.
+    Returns ``(energies, n_errors)``, or ``(energies, forces, n_errors)`` with ``forces``; ``n_errors`` counts the
+    frames whose evaluation raised an OpenMMException.
     """
     energies = np.full(len(positions), np.inf)
+    f = np.zeros(positions.shape) if forces else None
     n_errors = 0
     for i, frame in enumerate(positions):
         try:
             context.setPositions(frame)
-            state = context.getState(getEnergy=True)
+            state = context.getState(getEnergy=True, getForces=forces)
             energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            if forces:
+                f[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
         except openmm.OpenMMException as error:  # e.g. "Particle coordinate is NaN"
             n_errors += 1
             logger.debug("OpenMM could not evaluate frame %d: %s", i, error)
-    return energies, n_errors
-
-
-def _energies_forces_kj(context: openmm.Context, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Energies (kJ/mol) and forces (kJ/mol/nm) of finite-position frames; OpenMM errors give ``+inf`` energy
-    and zero force. Returns energies, forces and the number of frames OpenMM refused."""
-    energies = np.full(len(positions), np.inf)
-    forces = np.zeros(positions.shape)
-    n_errors = 0
-    for i, frame in enumerate(positions):
-        try:
-            context.setPositions(frame)
-            state = context.getState(getEnergy=True, getForces=True)
-            energies[i] = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-            forces[i] = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
-        except openmm.OpenMMException as error:
-            n_errors += 1
-            logger.debug("OpenMM could not evaluate frame %d: %s", i, error)
-    bad = ~np.isfinite(forces).all(axis=(1, 2))
+    if not forces:
+        return energies, n_errors
+    bad = ~np.isfinite(f).all(axis=(1, 2))
     energies[bad] = np.inf
-    forces[bad] = 0.0
-    return energies, forces, n_errors
+    f[bad] = 0.0
+    return energies, f, n_errors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,12 +130,8 @@ def _worker_init(system_xml: str, platform_name: str, properties: dict) -> None:
     _WORKER_CONTEXT = _make_context(system, openmm.Platform.getPlatformByName(platform_name), properties)
 
 
-def _worker_energies(positions: np.ndarray) -> tuple[np.ndarray, int]:
-    return _energies_kj(_WORKER_CONTEXT, positions)
-
-
-def _worker_energies_forces(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    return _energies_forces_kj(_WORKER_CONTEXT, positions)
+def _worker_energies(positions: np.ndarray, forces: bool = False):
+    return _energies_kj(_WORKER_CONTEXT, positions, forces)
 
 
 class ReducedPotential:
@@ -258,17 +243,17 @@ class ReducedPotential:
         n_errors = 0
         if len(todo) >= self.n_workers * self.min_frames_per_worker and self.n_workers > 1:
             chunks = np.array_split(todo, self.n_workers)
-            work = _worker_energies_forces if forces else _worker_energies
-            for c, out in zip(chunks, self._get_pool().map(work, [x[c] for c in chunks])):
+            jobs = [(x[c], forces) for c in chunks]
+            for c, out in zip(chunks, self._get_pool().starmap(_worker_energies, jobs)):
                 energies[c] = out[0]
                 if forces:
                     f[c] = out[1]
                 n_errors += out[-1]
         elif len(todo):
+            out = _energies_kj(self._context, x[todo], forces)
+            energies[todo], n_errors = out[0], out[-1]
             if forces:
-                energies[todo], f[todo], n_errors = _energies_forces_kj(self._context, x[todo])
-            else:
-                energies[todo], n_errors = _energies_kj(self._context, x[todo])
+                f[todo] = out[1]
         n_bad_positions = int(n - finite.sum())
         bad_energy = ~np.isfinite(energies) & finite
         energies[~np.isfinite(energies)] = np.inf  # -inf or NaN energies are failures too
