@@ -368,7 +368,7 @@ def refine(sampler, options: Optional[RefinementOptions] = None, *, seed: Option
     from tqdm.auto import tqdm
 
     from .checkpoint import save_model
-    from .utils import spawn_generators
+    from .utils import portable_path, spawn_generators
 
     options = copy.deepcopy(options) if options is not None else RefinementOptions()
     for key, value in overrides.items():
@@ -507,7 +507,7 @@ def refine(sampler, options: Optional[RefinementOptions] = None, *, seed: Option
     fingerprint = system_fingerprint(sampler.system, sampler.topology)
     metadata = dict(flow.checkpoint_metadata)
     metadata["refinement"] = {
-        "parent_sha256": sampler.model_sha256, "parent_path": _portable(sampler.model_path),
+        "parent_sha256": sampler.model_sha256, "parent_path": portable_path(sampler.model_path),
         "sequence": getattr(sampler.encoding, "sequence", ""), "temperature_k": float(sampler.temperature),
         **fingerprint, "options": asdict(options), "seed": seed, "steps": result.steps,
         "seconds": result.seconds, "stopped": stopped, "best_step": result.best_step,
@@ -524,9 +524,3 @@ def refine(sampler, options: Optional[RefinementOptions] = None, *, seed: Option
     refined = sampler.with_model(model)
     refined.refinement = result
     return refined
-
-
-def _portable(path: Optional[str]) -> Optional[str]:
-    from .utils import portable_path
-
-    return portable_path(path)
