@@ -1,7 +1,16 @@
 """openmm_tbg: transferable Boltzmann generators for OpenMM.
 
-Samples the Boltzmann distribution of small peptides with an equivariant continuous normalizing flow
-(Klein and Noe, "Transferable Boltzmann Generators") and plugs into openmmtools as an MCMC move.
+Samples the Boltzmann distribution of small peptides with one trained flow that serves peptides it never saw
+(Klein and Noe, "Transferable Boltzmann Generators"), with exact importance weights, and plugs into openmmtools
+as an MCMC move (`TBGMove`). Two model families sit behind one interface (`openmm_tbg.model.Flow`):
+
+- ``"internal-coordinate"`` (`InternalCoordinateFlow`, the default and the shipped model): a coupling flow over
+  bond lengths, angles and dihedrals; exact log q in one pass; options `ICOptions` (none).
+- ``"egnn-cnf"`` (`TransferableFlow`): TBG's E(3)-equivariant continuous normalizing flow; exact log q by an
+  ODE solve, about four orders of magnitude slower on a CPU; options `ODEOptions`.
+
+Start with ``BoltzmannGeneratorSampler(system, topology).sample(1000)``; ``sampler.refine()`` adapts the
+model to one System with its energies and forces.
 """
 
 import importlib
@@ -18,6 +27,11 @@ _PUBLIC = {
     "build_peptide": "openmm_tbg.peptides",
     "encode_topology": "openmm_tbg.encoding",
     "TransferableFlow": "openmm_tbg.flow",
+    "InternalCoordinateFlow": "openmm_tbg.icflow",
+    # Sampling options, one class per family (`options=` of BoltzmannGeneratorSampler and TBGMove).
+    "ODEOptions": "openmm_tbg.flow",
+    "ICOptions": "openmm_tbg.icflow",
+    "RefinementOptions": "openmm_tbg.refinement",
     # Warnings users may want to filter (warnings.filterwarnings("ignore", category=...)).
     "FewEffectiveSamplesWarning": "openmm_tbg.results",
     "HamiltonianMismatchWarning": "openmm_tbg.results",

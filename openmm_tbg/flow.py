@@ -22,6 +22,7 @@ in `openmm_tbg.divergence`; its public names are re-exported here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .divergence import (ADAPTIVE_METHODS, DEFAULT_MEMORY_BUDGET_MIB, DIVERGENCE
                          check_solver, divergence_exact, divergence_exact_batched, divergence_exact_loop,
                          divergence_hutchinson, gauss_legendre, hutchinson_noise, integrate_with_divergence,
                          solve_positions)
+from .utils import as_torch_generator
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class TransferableFlow(nn.Module):
 
     family = "egnn-cnf"
     symmetries = frozenset({"rotation", "reflection", "permutation"})
+    options_class = ODEOptions
 
     def __init__(self, vector_field: nn.Module, length_scale: float = 1.0 / 30.0, prior_std: float = 1.0):
         super().__init__()
@@ -232,15 +235,22 @@ class TransferableFlow(nn.Module):
                 f"This model cannot serve the peptide {getattr(encoding, 'sequence', '?')!r}: {error} Use a model "
                 f"trained on such peptides (openmm-tbg train on MD data that includes them).") from error
 
-    def sampling_options(self, **options: Any) -> dict:
-        """Checked ODE options (`ODEOptions` fields; ``ode_method`` is an alias of ``method``) with defaults."""
-        if "ode_method" in options:
-            options["method"] = options.pop("ode_method")
-        unknown = sorted(set(options) - set(ODEOptions.__dataclass_fields__))
+    def sampling_options(self, options: Optional[ODEOptions] = None, **fields: Any) -> dict:
+        """Keyword arguments of `sample` / `log_prob` from an `ODEOptions` (None: the defaults) or its fields
+        (``ode_method`` is an alias of ``method``), tolerances filled in and every value checked."""
+        if "ode_method" in fields:
+            fields["method"] = fields.pop("ode_method")
+        unknown = sorted(set(fields) - set(ODEOptions.__dataclass_fields__))
         if unknown:
             raise ValueError(f"TransferableFlow: unknown sampling options {unknown}; the CNF takes "
                              f"{sorted(ODEOptions.__dataclass_fields__)}.")
-        resolved = ODEOptions(**options).resolved()
+        if options is None:
+            options = ODEOptions(**fields)
+        elif not isinstance(options, ODEOptions):
+            raise TypeError(f"TransferableFlow: options must be an ODEOptions, got {type(options).__name__}.")
+        elif fields:
+            options = dataclasses.replace(options, **fields)
+        resolved = options.resolved()
         resolved["memory_budget_mib"] = check_memory_budget(resolved["memory_budget_mib"])
         self._check_solver(resolved["method"], resolved["atol"], resolved["rtol"], resolved["step_size"],
                            resolved["divergence"])
@@ -323,17 +333,6 @@ class TransferableFlow(nn.Module):
                                          rtol=rtol, options=options, divergence=divergence, noise=noise,
                                          quadrature_nodes=quadrature_nodes, memory_budget_mib=memory_budget_mib)
 
-    @staticmethod
-    def _generator(generator: torch.Generator | int | None) -> torch.Generator:
-        if isinstance(generator, torch.Generator):
-            return generator
-        g = torch.Generator()
-        if generator is None:
-            g.seed()  # fresh entropy, never the global RNG
-        else:
-            g.manual_seed(int(generator))
-        return g
-
     # ------------------------------------------------------------------ API
     def sample(
         self,
@@ -402,7 +401,7 @@ class TransferableFlow(nn.Module):
         options, quadrature_nodes, batch_size = check_integration_options(
             "sample", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         memory_budget_mib = check_memory_budget(memory_budget_mib)
-        generator = self._generator(generator)
+        generator = as_torch_generator(generator)
         n_atoms = tokens.shape[0]
         log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
         xs, lqs, nfe = [], [], []
@@ -465,7 +464,7 @@ class TransferableFlow(nn.Module):
             "log_prob", n, batch_size, method, atol, rtol, step_size, divergence, quadrature_nodes)
         memory_budget_mib = check_memory_budget(memory_budget_mib)
         if divergence == "hutchinson":
-            generator = self._generator(generator)
+            generator = as_torch_generator(generator)
         n_atoms = tokens.shape[0]
         log_scale = 3 * (n_atoms - 1) * math.log(self.length_scale)
         out, nfe = [], []

@@ -22,6 +22,7 @@ relabelled (`Flow.symmetries`); inverted or mislabelled proposals are rejected a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, Optional, Sequence
@@ -36,11 +37,12 @@ from .internal_coordinates import closure_branch_ok, from_internal, log_jacobian
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
 from .twins import apply_swaps, canonical_masks
+from .utils import as_torch_generator
 from .zmatrix import RING_CLOSURES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InternalCoordinateFlow", "ICContext", "collate_contexts"]
+__all__ = ["InternalCoordinateFlow", "ICOptions", "ICContext", "collate_contexts"]
 
 _MAX_POSITIONS = 4096   # build positions for which the layers' coupling masks are defined
 
@@ -69,6 +71,20 @@ class _Coupling(nn.Module):
         h = h0 + self.features(torch.cat([feats, keep], -1))
         out = self.head(self.transformer(h, bias))
         return out.reshape(*z.shape[:2], 1 if self.dihedral else 2, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ICOptions:
+    """Sampling options of `InternalCoordinateFlow`: none.
+
+    Its ``log q`` is one exact pass (no ODE, no tolerance, no quadrature), so there is nothing to tune; the
+    class exists so that every family is configured the same way (``options=`` of `BoltzmannGeneratorSampler`
+    and `TBGMove`; `openmm_tbg.flow.ODEOptions` for the CNF).
+    """
+
+    def resolved(self) -> dict:
+        """Keyword arguments of `InternalCoordinateFlow.sample` / ``log_prob``: none."""
+        return {}
 
 
 class InternalCoordinateFlow(nn.Module):
@@ -100,6 +116,7 @@ class InternalCoordinateFlow(nn.Module):
 
     family = "internal-coordinate"
     symmetries = frozenset({"rotation"})
+    options_class = ICOptions
 
     def __init__(self, statistics: Optional[dict] = None, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                  n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
@@ -176,21 +193,19 @@ class InternalCoordinateFlow(nn.Module):
                     f"{encoding.sequence!r} needs {n}. Use a model trained on such peptides (openmm-tbg train "
                     f"--family internal-coordinate on MD data that includes them).")
 
-    def sampling_options(self, **options: Any) -> dict:
-        """The flow takes no integration options: ``log q`` is one exact pass.
+    def sampling_options(self, options: Optional[ICOptions] = None, **fields: Any) -> dict:
+        """No keyword arguments: ``log q`` is one exact pass (`ICOptions` has no fields).
 
-        Options equal to the CNF's defaults (`openmm_tbg.flow.ODEOptions`, e.g. the CLI's) are ignored; any
-        other value is refused, since it could only mean a misunderstanding.
+        Any field given is refused, since it could only mean options of another family (e.g. the CNF's ODE
+        options, `openmm_tbg.flow.ODEOptions`).
         """
-        from .flow import ODEOptions
-
-        defaults = ODEOptions()
-        if "ode_method" in options:
-            options["method"] = options.pop("ode_method")
-        given = {k: v for k, v in options.items() if getattr(defaults, k, object()) != v}
-        if given:
+        if options is not None and not isinstance(options, ICOptions):
+            raise TypeError(f"The internal-coordinate flow's options are ICOptions, got {type(options).__name__}"
+                            f"{' (the egnn-cnf family options)' if type(options).__name__ == 'ODEOptions' else ''}"
+                            f"; pass ICOptions() or None.")
+        if fields:
             raise ValueError(f"The internal-coordinate flow computes exact log q in one pass and takes no ODE "
-                             f"options, got {given}; these apply to the egnn-cnf family only.")
+                             f"options, got {fields}; these apply to the egnn-cnf family only.")
         return {}
 
     def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:
@@ -301,14 +316,12 @@ class InternalCoordinateFlow(nn.Module):
         """
         from tqdm.auto import tqdm
 
-        from .flow import TransferableFlow
-
         context = self._as_context(context)
         if int(n) != n or n < 1:
             raise ValueError(f"InternalCoordinateFlow.sample: n must be a positive integer, got {n!r}.")
         n = int(n)
         batch_size = n if batch_size is None else int(batch_size)
-        generator = TransferableFlow._generator(generator)
+        generator = as_torch_generator(generator)
         xs, lqs = [], []
         for start in tqdm(range(0, n, batch_size), disable=not progress, desc="flow samples", unit="batch"):
             m = min(batch_size, n - start)

@@ -18,7 +18,7 @@ import copy
 import logging
 import os
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 from openmm import unit
@@ -26,7 +26,8 @@ from openmmtools import mcmc
 
 from .checkpoint import file_sha256, load_model, resolve_model
 from .checks import check_system, check_system_structure
-from .sampler import BoltzmannGeneratorSampler, given_flow_options, symmetry_options
+from .model import resolve_sampling_options
+from .sampler import BoltzmannGeneratorSampler, symmetry_options
 from .serialization import encoding_from_dict, encoding_to_dict
 from .utils import resolve_device, spawn_generators, to_nm
 from .validity import ValidityChecker
@@ -60,7 +61,7 @@ class TBGMove(mcmc.MCMCMove):
     Parameters
     ----------
     sampler_or_model : BoltzmannGeneratorSampler, flow, str, path or None
-        A sampler (its model, encoding, validity checks and ODE options are used), or a model as accepted by
+        A sampler (its model, encoding, validity checks and sampling options are used), or a model as accepted by
         `BoltzmannGeneratorSampler` (None: the shipped model), which then needs ``topology``.
     topology : openmm.app.Topology, optional
         Needed when a model is given.
@@ -74,11 +75,14 @@ class TBGMove(mcmc.MCMCMove):
         Seeds the flow's prior and the acceptance test; None draws fresh entropy.
     device : str
         Torch device for a model given by path (``"auto"``: CUDA when available).
-    ode_method, atol, rtol, step_size, divergence, quadrature_nodes, memory_budget_mib
-        CNF integration options (ignored when a sampler is given: its options are used); None / "default":
-        the family's defaults, as in `BoltzmannGeneratorSampler`. One-pass families refuse them.
+    options : dataclass instance or dict, optional
+        Sampling options of the model's family, as in `BoltzmannGeneratorSampler` (None: the family's
+        defaults; refused with a sampler, whose options are used).
     check_bonds, check_chirality, bond_factor
         Validity options (ignored when a sampler is given).
+    **deprecated_ode_options
+        The CNF's ODE keyword arguments of earlier versions (``ode_method``, ``atol``, ...): deprecated, use
+        ``options=ODEOptions(...)``.
 
     Attributes
     ----------
@@ -114,11 +118,9 @@ class TBGMove(mcmc.MCMCMove):
         return NotImplemented
 
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
-                 buffer_size: int = 64, seed: Optional[int] = None, device="auto",
-                 ode_method: Optional[str] = None, atol: Optional[float] = None, rtol: Optional[float] = None,
-                 step_size: Optional[float] = None, divergence: Optional[str] = None,
-                 quadrature_nodes: Union[int, None, str] = "default", memory_budget_mib: Optional[float] = None,
-                 check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3):
+                 buffer_size: int = 64, seed: Optional[int] = None, device="auto", options=None,
+                 check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3,
+                 **deprecated_ode_options):
         super().__init__()
         from .encoding import encode_topology
 
@@ -126,6 +128,9 @@ class TBGMove(mcmc.MCMCMove):
             raise ValueError(f"n_attempts and buffer_size must be positive, got {n_attempts} and {buffer_size}.")
         if isinstance(sampler_or_model, BoltzmannGeneratorSampler):
             s = sampler_or_model
+            if options is not None or deprecated_ode_options:
+                raise ValueError("TBGMove: a move built from a BoltzmannGeneratorSampler uses the sampler's sampling "
+                                 "options; pass options to the sampler, or build the move from the model.")
             flow, path, sha = s.flow, s.model_path, s.model_sha256
             encoding = s.encoding
             bonds = s.checker.bonds
@@ -144,8 +149,7 @@ class TBGMove(mcmc.MCMCMove):
             flow, path, sha = resolve_model(sampler_or_model, resolve_device(device))
             flow.check_supported(encoding)  # refuse here, not inside the first apply()
             bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
-            ode = flow.sampling_options(**given_flow_options(ode_method, atol, rtol, step_size, divergence,
-                                                             quadrature_nodes, memory_budget_mib))
+            _, ode = resolve_sampling_options(flow, options, deprecated_ode_options, where="TBGMove")
             validity = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                         "bond_factor": float(bond_factor)}
         seed_seq = np.random.SeedSequence(seed)

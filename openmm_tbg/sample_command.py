@@ -30,7 +30,8 @@ from .utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "ode_kwargs", "output_paths", "draw_seed",
+__all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "sampling_options_from_args", "output_paths",
+           "draw_seed",
            "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE", "DEFAULT_BATCH_SIZE_ONE_PASS"]
 
 #: Default number of proposals: seconds with the default internal-coordinate model on one CPU core (1000 AA
@@ -79,15 +80,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ode_arguments(parser: argparse.ArgumentParser) -> None:
-    """ODE options of the flow shared by the ``sample`` and ``evaluate`` commands."""
-    group = parser.add_argument_group("flow integration")
-    group.add_argument("--ode-method", default="dopri5", help="torchdiffeq method (default dopri5)")
+    """ODE options of the CNF family (`openmm_tbg.ODEOptions`), shared by the ``sample`` and ``evaluate``
+    commands. Not given: the family's defaults; the internal-coordinate family takes none and refuses them."""
+    group = parser.add_argument_group("flow integration (egnn-cnf family only)")
+    group.add_argument("--ode-method", default=None, help="torchdiffeq method (default dopri5)")
     group.add_argument("--atol", type=float, default=None,
                        help="absolute tolerance (default 1e-5 with quadrature nodes, 1e-4 without)")
     group.add_argument("--rtol", type=float, default=None,
                        help="relative tolerance (default 1e-5 with quadrature nodes, 1e-4 without)")
     group.add_argument("--step-size", type=float, default=None, help="step of fixed-step methods")
-    group.add_argument("--quadrature-nodes", type=int, default=DEFAULT_QUADRATURE_NODES or 0,
+    group.add_argument("--quadrature-nodes", type=int, default=None,
                        help="exact divergence at K Gauss-Legendre nodes; 0 = at every solver stage "
                             f"(default {DEFAULT_QUADRATURE_NODES or 0})")
     group.add_argument("--memory-budget-mib", type=float, default=None,
@@ -96,10 +98,19 @@ def add_ode_arguments(parser: argparse.ArgumentParser) -> None:
                             "chunks hold only a few items; log q does not change")
 
 
-def ode_kwargs(args: argparse.Namespace) -> dict:
-    """`BoltzmannGeneratorSampler` keyword arguments from :func:`add_ode_arguments` options."""
-    return {"ode_method": args.ode_method, "atol": args.atol, "rtol": args.rtol, "step_size": args.step_size,
-            "quadrature_nodes": args.quadrature_nodes or None, "memory_budget_mib": args.memory_budget_mib}
+#: ``add_ode_arguments`` destination -> `openmm_tbg.ODEOptions` field.
+_ODE_FIELDS = {"ode_method": "method", "atol": "atol", "rtol": "rtol", "step_size": "step_size",
+               "quadrature_nodes": "quadrature_nodes", "memory_budget_mib": "memory_budget_mib"}
+
+
+def sampling_options_from_args(args: argparse.Namespace) -> Optional[dict]:
+    """The ``options`` of `BoltzmannGeneratorSampler` from :func:`add_ode_arguments` options: a dict of the
+    `openmm_tbg.ODEOptions` fields given on the command line, or None when none was (the family's defaults).
+    An internal-coordinate model refuses a non-empty dict with a message naming the fields."""
+    given = {field: getattr(args, dest) for dest, field in _ODE_FIELDS.items() if getattr(args, dest) is not None}
+    if "quadrature_nodes" in given:
+        given["quadrature_nodes"] = given["quadrature_nodes"] or None  # 0: at every solver stage
+    return given or None
 
 
 def output_paths(output: str) -> dict[str, str]:
@@ -207,7 +218,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
                                             device=args.device, batch_size=batch_size, seed=seed,
-                                            positions=positions, **ode_kwargs(args))
+                                            positions=positions, options=sampling_options_from_args(args))
         try:
             result = sampler.sample(args.samples, method=args.method, progress=not args.no_progress)
         finally:

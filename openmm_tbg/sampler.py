@@ -22,6 +22,7 @@ from .checkpoint import resolve_model
 from .checks import (HamiltonianComparison, check_positions, check_system, check_system_structure,
                      topology_atom_labels, warn_plain_low_temperature)
 from .energy import MOLAR_GAS_CONSTANT, ReducedPotential, to_kelvin
+from .model import resolve_sampling_options
 from .refinement import check_refined_for
 from .results import SampleResult
 from .utils import resolve_device, spawn_generators
@@ -35,19 +36,6 @@ __all__ = ["BoltzmannGeneratorSampler", "SampleResult", "METHODS", "ALL_REJECTIO
 #: All reasons a proposal can be rejected, in the order they are checked.
 ALL_REJECTION_REASONS = REJECTION_REASONS + ("non_finite_log_q", "non_finite_energy")
 METHODS = ("importance", "metropolis", "none")
-
-
-def given_flow_options(ode_method: Optional[str] = None, atol: Optional[float] = None,
-                       rtol: Optional[float] = None, step_size: Optional[float] = None,
-                       divergence: Optional[str] = None, quadrature_nodes: Union[int, None, str] = "default",
-                       memory_budget_mib: Optional[float] = None) -> dict:
-    """The ODE options a caller actually gave (None / ``"default"`` = not given), for `Flow.sampling_options`."""
-    given = {k: v for k, v in (("method", ode_method), ("atol", atol), ("rtol", rtol), ("step_size", step_size),
-                               ("divergence", divergence), ("memory_budget_mib", memory_budget_mib))
-             if v is not None}
-    if not (isinstance(quadrature_nodes, str) and quadrature_nodes == "default"):
-        given["quadrature_nodes"] = quadrature_nodes
-    return given
 
 
 def symmetry_options(flow) -> dict:
@@ -83,24 +71,21 @@ class BoltzmannGeneratorSampler:
     positions : Quantity or array, optional
         (n_atoms, 3) nm, a structure of the molecule (e.g. the PDB's). Checked for NaN and D-amino acids, and
         used as the reference of the validity checks.
-    ode_method, atol, rtol, step_size, divergence
-        Integration options of the CNF family (`openmm_tbg.flow.ODEOptions`; None: its defaults, dopri5 with
-        the exact divergence). ``atol``/``rtol`` None: 1e-5 with ``quadrature_nodes`` (a positions-only solve,
-        where the tighter tolerance is nearly free), 1e-4 without (TBG). Families with a one-pass likelihood
-        take none of these and refuse them.
-    quadrature_nodes : int, None or "default"
-        CNF only: exact divergence at this many Gauss-Legendre nodes in t instead of at every solver stage
-        (fast path, see `TransferableFlow.sample`); None integrates it with the solver (TBG's way);
-        ``"default"``: the family default (16).
-    memory_budget_mib : float, optional
-        CNF only: MiB bound on the autograd graph of one chunk of exact-divergence evaluations (None: 512; see
-        `openmm_tbg.flow.ODEOptions`). Trades memory for speed; log q does not change.
+    options : dataclass instance or dict, optional
+        Sampling options of the model's family (``model.options_class``), or a dict of its fields; None: the
+        family's defaults. The internal-coordinate flow's `openmm_tbg.ICOptions` has none (one exact pass);
+        the CNF's `openmm_tbg.ODEOptions` holds the ODE solver, its tolerances, the Gauss-Legendre nodes of
+        the exact divergence and the memory budget. Options of another family are refused.
     platform, n_workers
         OpenMM platform and energy workers (see `ReducedPotential`).
     check_bonds, check_chirality : bool
         Validity checks (see `ValidityChecker`); switch off only for toy systems.
     bond_factor : float
         Bond cutoff = ``bond_factor`` x sum of covalent radii.
+    **deprecated_ode_options
+        ``ode_method``, ``atol``, ``rtol``, ``step_size``, ``divergence``, ``quadrature_nodes`` and
+        ``memory_budget_mib`` of earlier versions: deprecated (a `DeprecationWarning`), use
+        ``options=ODEOptions(...)``.
 
     Examples
     --------
@@ -112,12 +97,9 @@ class BoltzmannGeneratorSampler:
 
     def __init__(self, system: openmm.System, topology, model=None, temperature=310 * unit.kelvin,
                  device="auto", batch_size: int = 256, seed: Optional[int] = None, encoding=None, *,
-                 positions=None, ode_method: Optional[str] = None, atol: Optional[float] = None,
-                 rtol: Optional[float] = None, step_size: Optional[float] = None,
-                 divergence: Optional[str] = None, quadrature_nodes: Union[int, None, str] = "default",
-                 memory_budget_mib: Optional[float] = None, platform=None,
-                 n_workers: Optional[int] = None, check_bonds: bool = True, check_chirality: bool = True,
-                 bond_factor: float = 1.3):
+                 positions=None, options=None, platform=None, n_workers: Optional[int] = None,
+                 check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3,
+                 **deprecated_ode_options):
         import torch
 
         from .encoding import AtomEncoding, encode_topology
@@ -156,9 +138,7 @@ class BoltzmannGeneratorSampler:
         self.batch_size = int(batch_size)
         self.tokens = torch.as_tensor(encoding.tokens, dtype=torch.long)
         self.context = self.flow.condition(encoding, bonds)
-        self.flow_options = self.flow.sampling_options(
-            **given_flow_options(ode_method, atol, rtol, step_size, divergence, quadrature_nodes,
-                                 memory_budget_mib))
+        self.options, self.flow_options = resolve_sampling_options(self.flow, options, deprecated_ode_options)
         self.validity_options = {"check_bonds": bool(check_bonds), "check_chirality": bool(check_chirality),
                                  "bond_factor": float(bond_factor)}
         self.checker = ValidityChecker(topology, encoding, reference_positions=positions,
@@ -353,14 +333,15 @@ class BoltzmannGeneratorSampler:
         seed : int, optional
             Seed of the new sampler (None: a child of this sampler's seed sequence).
         """
-        options = {("ode_method" if k == "method" else k): v for k, v in self.flow_options.items()}
+        # The same options when the new model is of the same family, else that family's defaults.
+        options = None if self.options == type(self.options)() else self.options
         if seed is None:
             seed = int(self.seed_sequence.spawn(1)[0].generate_state(1, dtype=np.uint32)[0])
         return BoltzmannGeneratorSampler(
             self.system, self.topology, model=model, temperature=self.temperature, device=self.device,
             batch_size=self.batch_size, seed=seed, encoding=self.encoding,
             positions=self._reference_positions, platform=self.reduced_potential.platform,
-            n_workers=self.reduced_potential.n_workers, **self.validity_options, **options)
+            n_workers=self.reduced_potential.n_workers, options=options, **self.validity_options)
 
     def refine(self, max_seconds: Union[float, None, str] = "default", *,
                max_steps: Union[int, None, str] = "default", seed: Optional[int] = 0, out=None,
@@ -408,7 +389,7 @@ class BoltzmannGeneratorSampler:
 # Names that lived here before the restructuring, still importable from this module.
 _MOVED = {"resolve_model": "openmm_tbg.checkpoint", "file_sha256": "openmm_tbg.checkpoint",
           "configure_parser": "openmm_tbg.sample_command", "run_from_cli": "openmm_tbg.sample_command",
-          "add_ode_arguments": "openmm_tbg.sample_command", "ode_kwargs": "openmm_tbg.sample_command",
+          "add_ode_arguments": "openmm_tbg.sample_command",
           "DEFAULT_QUADRATURE_NODES": "openmm_tbg.flow", "default_tolerance": "openmm_tbg.flow",
           "QUADRATURE_TOLERANCE": "openmm_tbg.flow", "TBG_TOLERANCE": "openmm_tbg.flow"}
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "default_file_mode", "atomic_write", "file_sha256", "resolve_device", "PLATFORM_PREFERENCE",
-    "select_platform", "as_numpy_rng", "torch_generator_from", "spawn_generators", "in_unit", "to_nm",
+    "select_platform", "as_numpy_rng", "as_torch_generator", "torch_generator_from", "spawn_generators", "in_unit", "to_nm",
     "evenly_spaced", "cpu_model", "device_name", "machine_info", "machine_line", "portable_path",
     "portable_command",
 ]
@@ -142,6 +142,21 @@ def select_platform(platform=None):
 def as_numpy_rng(seed: Union[None, int, np.random.Generator, np.random.SeedSequence]) -> np.random.Generator:
     """``seed`` itself if it is a numpy Generator, else ``numpy.random.default_rng(seed)``."""
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def as_torch_generator(generator=None):
+    """``generator`` itself if it is a ``torch.Generator``; else a new CPU generator seeded with the int, or with
+    fresh operating-system entropy for None (never the global torch RNG). Every family's ``sample`` uses it."""
+    import torch
+
+    if isinstance(generator, torch.Generator):
+        return generator
+    g = torch.Generator()
+    if generator is None:
+        g.seed()
+    else:
+        g.manual_seed(int(generator))
+    return g
 
 
 def torch_generator_from(seed_sequence: np.random.SeedSequence):

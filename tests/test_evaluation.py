@@ -327,7 +327,7 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
     length_scale, sigma_nm = 0.1, 0.002
     x_ref = torch.as_tensor(traj.positions[7], dtype=torch.float64) / length_scale
     flow = TransferableFlow(GaussianAroundReference(x_ref, sigma_nm / length_scale), length_scale=length_scale)
-    options = {"ode_method": "rk4", "step_size": 0.1}
+    options = {"method": "rk4", "step_size": 0.1}
     res = ev.evaluate_peptide(flow.double(), traj, 12, seed=0, out_dir=tmp_path, progress=False,
                               torus_samples=60, sampler_options=options)
     # 2 pm noise keeps every bond and chiral centre: all samples are valid and get finite weights.
@@ -337,7 +337,7 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
     from openmm_tbg.sampler import BoltzmannGeneratorSampler
 
     again = BoltzmannGeneratorSampler(create_system(traj.topology), traj.topology, flow.double(), temperature=310.0,
-                                      seed=0, encoding=traj.encoding, positions=traj.positions[0], **options)
+                                      seed=0, encoding=traj.encoding, positions=traj.positions[0], options=options)
     try:
         drawn = again.sample(12, method="importance", progress=False)
     finally:
@@ -380,7 +380,7 @@ def test_evaluate_accepts_a_temperature_quantity_and_checks_it_first(fixture_dir
     model = tmp_path / "tiny.pt"
     save_model(TransferableFlow(EGNNVectorField(n_layers=2, hidden=16), length_scale=0.1), model)
     kwargs = dict(peptides=["AA"], n_samples=3, out_dir=tmp_path / "q", torus_samples=50, progress=False,
-                  sampler_options={"ode_method": "euler", "step_size": 0.5})
+                  sampler_options={"method": "euler", "step_size": 0.5})
     results = ev.evaluate(str(model), fixture_dir, temperature=310.0 * unit.kelvin, **kwargs)
     assert results[0]["temperature_K"] == pytest.approx(310.0)
     header = json.loads((tmp_path / "q" / "results.json").read_text())["header"]

@@ -13,7 +13,7 @@ from openmmtools import cache, mcmc, multistate, states, utils
 from pymbar import timeseries
 from scipy.stats import chi2
 
-from openmm_tbg.flow import TransferableFlow
+from openmm_tbg.flow import ODEOptions, TransferableFlow
 from openmm_tbg.moves import TBGMove
 from openmm_tbg.sampler import BoltzmannGeneratorSampler
 from openmm_tbg.testing import TOY_SIGMA_NM, TOY_TEMPERATURE_K, assert_detailed_balance
@@ -157,7 +157,7 @@ def test_replica_exchange_stores_restores_and_continues(toy, saved_egnn_toy, tmp
     model = tmp_path / "tiny.pt"
     shutil.copyfile(saved_egnn_toy, model)  # the end of this test tampers with the file: not the shared one
     bg = BoltzmannGeneratorSampler(system, topology, model, temperature=T, encoding=encoding,
-                                   check_bonds=False, ode_method="euler", step_size=0.5, platform="Reference")
+                                   check_bonds=False, options=ODEOptions(method="euler", step_size=0.5), platform="Reference")
     move = TBGMove(bg, n_attempts=2, buffer_size=8, seed=6)
     state = yaml.safe_load(yaml.safe_dump(utils.serialize(move)))  # YAML-safe: plain types only
     assert state["model_sha256"] == bg.model_sha256
@@ -251,7 +251,7 @@ def test_copies_and_restored_replicas_have_independent_reproducible_streams(toy,
     restoring each propose different configurations, in a real ReplicaExchangeSampler before and after
     from_storage too; restoring the same stored state twice repeats its proposals exactly."""
     system, topology, encoding, _ = toy
-    fast = dict(ode_method="euler", step_size=0.5, quadrature_nodes=2)
+    fast = dict(options=ODEOptions(method="euler", step_size=0.5, quadrature_nodes=2))
     move = TBGMove(saved_egnn_toy, topology, encoding, seed=6, device="cpu", check_bonds=False, buffer_size=2,
                    **fast)
 
@@ -317,7 +317,7 @@ def test_stored_spawn_key_stays_bounded_over_store_restore_cycles(toy, saved_egn
     checkpoints every iteration, so the stored state grew without bound."""
     _, topology, encoding, _ = toy
     move = TBGMove(saved_egnn_toy, topology, encoding, seed=7, device="cpu", check_bonds=False, buffer_size=2,
-                   ode_method="euler", step_size=0.5, quadrature_nodes=2)
+                   options=ODEOptions(method="euler", step_size=0.5, quadrature_nodes=2))
     keys, seeds = [], []
     for _ in range(6):
         state = yaml.safe_load(yaml.safe_dump(utils.serialize(move)))

@@ -9,7 +9,7 @@ from pymbar import timeseries
 from scipy.special import logsumexp
 
 from openmm_tbg.encoding import UnsupportedTopologyError
-from openmm_tbg.flow import TransferableFlow
+from openmm_tbg.flow import ODEOptions, TransferableFlow
 from openmm_tbg.sampler import BoltzmannGeneratorSampler, SampleResult, kish_ess
 from openmm_tbg.testing import TOY_FLOW_STD_NM, TOY_SIGMA_NM, TOY_TEMPERATURE_K
 
@@ -177,7 +177,7 @@ def test_end_to_end_alanine_dipeptide_with_tiny_egnn(fixture_dir):
     torch.manual_seed(0)  # weight initialisation of the untrained model only
     flow = TransferableFlow(EGNNVectorField(n_layers=2, hidden=16))
     sampler = BoltzmannGeneratorSampler(system, pdb.topology, flow, seed=0, positions=pdb.positions,
-                                        batch_size=4, ode_method="euler", step_size=0.5, platform="Reference")
+                                        batch_size=4, options=ODEOptions(method="euler", step_size=0.5), platform="Reference")
     n = 4  # an untrained model: most samples are invalid, which exercises the bookkeeping
     result = sampler.sample(n, progress=False)
     n_atoms = pdb.topology.getNumAtoms()
@@ -201,23 +201,70 @@ def test_default_tolerance_depends_on_the_likelihood_path(toy):
     """dopri5 tolerance left unset: 1e-5 for the positions-only quadrature solve, TBG's 1e-4 without nodes;
     TBGMove resolves it the same way, and an explicit tolerance wins."""
     from openmm_tbg.moves import TBGMove
-    from openmm_tbg.sampler import add_ode_arguments, default_tolerance, ode_kwargs
+    from openmm_tbg.sampler import add_ode_arguments, default_tolerance
+    from openmm_tbg.sample_command import sampling_options_from_args
     import argparse
 
     assert toy_sampler(toy).ode_options["atol"] == toy_sampler(toy).ode_options["rtol"] == 1e-5
-    assert toy_sampler(toy, quadrature_nodes=None).ode_options["atol"] == 1e-4
-    assert toy_sampler(toy, atol=3e-6, rtol=2e-6).ode_options == dict(toy_sampler(toy).ode_options, atol=3e-6,
-                                                                      rtol=2e-6)
+    assert toy_sampler(toy, options=ODEOptions(quadrature_nodes=None)).ode_options["atol"] == 1e-4
+    assert toy_sampler(toy, options=ODEOptions(atol=3e-6, rtol=2e-6)).ode_options == dict(
+        toy_sampler(toy).ode_options, atol=3e-6, rtol=2e-6)
     assert default_tolerance(0) == 1e-4 and default_tolerance(8) == 1e-5
     parser = argparse.ArgumentParser()
     add_ode_arguments(parser)
-    kwargs = ode_kwargs(parser.parse_args([]))
-    assert kwargs["atol"] is None and kwargs["quadrature_nodes"] == 16
-    assert toy_sampler(toy, **{k: v for k, v in kwargs.items() if k != "ode_method"}).ode_options["atol"] == 1e-5
+    assert sampling_options_from_args(parser.parse_args([])) is None  # nothing given: the family's defaults
+    given = sampling_options_from_args(parser.parse_args(["--quadrature-nodes", "0", "--atol", "2e-6"]))
+    assert given == {"quadrature_nodes": None, "atol": 2e-6}
+    assert toy_sampler(toy, options=given).ode_options == dict(toy_sampler(toy).ode_options, quadrature_nodes=None,
+                                                               atol=2e-6, rtol=1e-4)
     system, topology, encoding, flow = toy
     move = TBGMove(flow, topology, encoding)
     assert move.ode_options["atol"] == 1e-5
-    assert TBGMove(flow, topology, encoding, quadrature_nodes=None).ode_options["rtol"] == 1e-4
+    assert TBGMove(flow, topology, encoding, options={"quadrature_nodes": None}).ode_options["rtol"] == 1e-4
+
+
+def test_options_belong_to_the_family_and_old_keywords_still_work(toy):
+    """Each family has its own options class: the CNF takes ODEOptions, the internal-coordinate flow ICOptions
+    (no fields), each refusing the other's with a message naming the right class. The ODE keyword arguments of
+    earlier versions still work, with a DeprecationWarning that names the replacement, and give the same
+    options as ODEOptions."""
+    import warnings
+
+    from openmm_tbg import ICOptions
+    from openmm_tbg.moves import TBGMove
+
+    system, topology, encoding, flow = toy
+    with pytest.warns(DeprecationWarning, match=r"options=openmm_tbg.ODEOptions\(method='euler', step_size=0.5\)"):
+        old = toy_sampler(toy, ode_method="euler", step_size=0.5)
+    assert old.ode_options == toy_sampler(toy, options=ODEOptions(method="euler", step_size=0.5)).ode_options
+    assert old.options == ODEOptions(method="euler", step_size=0.5)
+    with pytest.warns(DeprecationWarning):
+        assert TBGMove(flow, topology, encoding, quadrature_nodes=None).ode_options["rtol"] == 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new way warns about nothing
+        toy_sampler(toy, options=ODEOptions(quadrature_nodes=None))
+    with pytest.raises(TypeError, match="egnn-cnf family, whose options are openmm_tbg.flow.ODEOptions"):
+        toy_sampler(toy, options=ICOptions())
+    with pytest.raises(ValueError, match="not both"):
+        toy_sampler(toy, options=ODEOptions(), atol=1e-3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        toy_sampler(toy, odemethod="euler")
+    with pytest.raises(ValueError, match="uses the sampler's sampling options"):
+        TBGMove(toy_sampler(toy), options=ODEOptions())
+
+    from openmm_tbg import build_peptide, load_model
+
+    pep, ic = build_peptide("AA"), load_model("internal-coordinate")
+    sampler = BoltzmannGeneratorSampler(pep.system, pep.topology, ic, seed=0, positions=pep.positions)
+    assert sampler.options == ICOptions() and sampler.flow_options == {}
+    with pytest.raises(TypeError, match="internal-coordinate family, whose options are openmm_tbg.icflow.ICOptions"):
+        BoltzmannGeneratorSampler(pep.system, pep.topology, ic, positions=pep.positions,
+                                  options=ODEOptions(atol=1e-5))
+    with pytest.raises(ValueError, match=r"\['atol'\] are not options of the internal-coordinate family"):
+        BoltzmannGeneratorSampler(pep.system, pep.topology, ic, positions=pep.positions, options={"atol": 1e-5})
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="takes no ODE options"):
+        BoltzmannGeneratorSampler(pep.system, pep.topology, ic, positions=pep.positions, atol=1e-5)
+    sampler.close()
 
 
 def test_unsupported_peptides_are_refused_when_the_sampler_is_built():

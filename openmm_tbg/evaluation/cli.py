@@ -40,7 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_from_cli(args: argparse.Namespace) -> int:
     """Run ``openmm-tbg evaluate``; returns the exit status."""
-    from ..sample_command import ode_kwargs
+    from ..sample_command import sampling_options_from_args
 
     from ..utils import portable_command
 
@@ -61,6 +61,6 @@ def run_from_cli(args: argparse.Namespace) -> int:
                        out_dir=args.out, seed=args.seed, device=args.device, batch_size=args.batch_size,
                        md_energy_frames=args.md_energy_frames, torus_samples=args.torus_samples,
                        temperature=args.temperature, progress=not args.no_progress,
-                       sampler_options=ode_kwargs(args), command_line=command_line)
+                       sampler_options=sampling_options_from_args(args), command_line=command_line)
     print((Path(args.out) / "results.md").read_text())
     return 0 if results else 1

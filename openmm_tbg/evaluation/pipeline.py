@@ -66,7 +66,7 @@ def sample_peptide(model, trajectory, n_samples: int, seed: Optional[int], *, ke
     sampler = BoltzmannGeneratorSampler(create_system(trajectory.topology), trajectory.topology, model=model,
                                         temperature=kelvin, device=device, batch_size=batch_size, seed=seed,
                                         encoding=trajectory.encoding, positions=trajectory.positions[0],
-                                        **(sampler_options or {}))
+                                        options=sampler_options)
     setup_s = time.perf_counter() - t_setup
     try:
         t0 = time.perf_counter()
@@ -215,7 +215,8 @@ def evaluate_peptide(model, trajectory, n_samples: int = 1000, seed: Optional[in
     frame_stride : int
         Stride with which the trajectory was loaded (for autocorrelation times).
     sampler_options : dict, optional
-        Further keyword arguments of BoltzmannGeneratorSampler (ode_method, atol, rtol, divergence, ...).
+        The sampler's ``options`` (`openmm_tbg.ODEOptions` fields for the CNF, e.g. ``{"method": "rk4",
+        "step_size": 0.1}``; None: the family's defaults).
     progress : bool
 
     Returns
