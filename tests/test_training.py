@@ -26,7 +26,7 @@ from openmm_tbg.training import (
     sample_mean_free_gaussian,
 )
 
-TINY = dict(n_layers=2, hidden=16, batch_size=8, warmup_steps=5, checkpoint_every=0, device="cpu", log_every=1000)
+TINY = dict(family="egnn-cnf", n_layers=2, hidden=16, batch_size=8, warmup_steps=5, checkpoint_every=0, device="cpu", log_every=1000)
 
 
 def _train_names(directory) -> list[str]:
@@ -50,7 +50,7 @@ def _rotation_checks(r: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------------ geometry
 def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainingConfig(lr=1.0, steps=110, warmup_steps=10, min_lr_factor=0.1)
+    cfg = TrainingConfig(family="egnn-cnf", lr=1.0, steps=110, warmup_steps=10, min_lr_factor=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(10, cfg) == pytest.approx(1.0)
@@ -166,7 +166,7 @@ def test_training_batch_is_mean_free_and_scaled(train_trajectories):
     sampler = PeptideBatchSampler(train_trajectories, 16, np_rng)
     length = training.estimate_length_scale(train_trajectories)
     for coupling in ("independent", "ot"):
-        b = make_training_batch(sampler, TrainingConfig(coupling=coupling), length, gen)
+        b = make_training_batch(sampler, TrainingConfig(family="egnn-cnf", coupling=coupling), length, gen)
         m = b.mask[..., None].float()
         for x in (b.x0, b.x1, b.eps):
             assert (x * m).sum(1).abs().max() < 1e-4
@@ -176,9 +176,9 @@ def test_training_batch_is_mean_free_and_scaled(train_trajectories):
 
 def test_config_and_sampler_reject_bad_input(train_trajectories):
     with pytest.raises(ValueError, match="coupling"):
-        TrainingConfig(coupling="sinkhorn").validate()
+        TrainingConfig(family="egnn-cnf", coupling="sinkhorn").validate()
     with pytest.raises(ValueError, match="ema_decay"):
-        TrainingConfig(ema_decay=1.0).validate()
+        TrainingConfig(family="egnn-cnf", ema_decay=1.0).validate()
     with pytest.raises(ValueError, match="No training peptides"):
         PeptideBatchSampler([], 4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="more than once"):
@@ -368,6 +368,11 @@ def test_cli_train(fixture_dir, tmp_path):
     args = parser.parse_args(["--data", str(fixture_dir), "--peptides", name, "--out", str(out), "--steps", "3",
                               "--batch-size", "4", "--layers", "2", "--hidden", "8", "--coupling", "ot",
                               "--device", "cpu", "--max-frames", "20", "--no-progress"])
+    # The default family is the internal-coordinate flow's (the sampler's default): CNF options are refused
+    # instead of being ignored, with the flag that fixes it.
+    with pytest.raises(SystemExit, match="--layers, --coupling apply to the egnn-cnf family only.*--family egnn-cnf"):
+        training.run_from_cli(args)
+    args.family = "egnn-cnf"
     assert training.run_from_cli(args) == 0
     meta = torch.load(out, weights_only=True)["metadata"]["training"]
     assert meta["peptides"] == [name] and meta["config"]["coupling"] == "ot" and meta["steps"] == 3
@@ -481,7 +486,7 @@ def test_energy_objective_lowers_the_reverse_kl_and_is_recorded(tmp_path, train_
     assert meta["config"]["objective"] == "ml+kl"
     assert meta["energy_proposals"]["n"] == 40 * 3 * 32
     with pytest.raises(ValueError, match="flow matching only"):
-        TrainingConfig(objective="kl").validate()
+        TrainingConfig(family="egnn-cnf", objective="kl").validate()
     with pytest.raises(ValueError, match="objective must be one of"):
         TrainingConfig(family="internal-coordinate", objective="fab").validate()
 

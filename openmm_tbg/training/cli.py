@@ -35,8 +35,10 @@ _CLI_TO_CONFIG = {
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``openmm-tbg train`` options to ``parser``."""
     d = TrainingConfig()
-    parser.description = ("Train a transferable Boltzmann generator: an EGNN CNF by conditional flow matching, or "
-                          "an internal-coordinate flow (--family internal-coordinate) by maximum likelihood.")
+    parser.description = ("Train a transferable Boltzmann generator: an internal-coordinate flow (the default "
+                          "family) by maximum likelihood, optionally with the reverse KL divergence to the force "
+                          "field (--objective ml+kl), or an EGNN CNF (--family egnn-cnf) by conditional flow "
+                          "matching.")
     parser.add_argument("--data", required=True, help="data-set directory (XY.pdb + XY.npz [+ splits.json])")
     parser.add_argument("--split", default="train",
                         help="split to train on (default: train; 'all' = every non-test peptide; 'test' is refused)")
@@ -78,7 +80,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("model family")
     group.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                       help=f"egnn-cnf (flow matching) or internal-coordinate (maximum likelihood) ({d.family})")
+                       help=f"internal-coordinate (maximum likelihood) or egnn-cnf (flow matching) (default {d.family}, "
+                            "or the --init-from model's)")
     group.add_argument("--rounds", type=int, default=None,
                        help=f"internal-coordinate: coupling rounds, 4 layers each ({d.rounds})")
     group.add_argument("--blocks", type=int, default=None,
@@ -126,6 +129,29 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     return TrainingConfig.from_dict(values)
 
 
+#: Options that only one family reads, by family (the other family's run would ignore them silently).
+_FAMILY_ONLY_OPTIONS = {
+    "egnn-cnf": (("--layers", "layers"), ("--coupling", "coupling"), ("--ot-iterations", "ot_iterations"),
+                 ("--sigma", "sigma"), ("--length-scale", "length_scale")),
+    "internal-coordinate": (("--rounds", "rounds"), ("--blocks", "blocks"), ("--bins", "bins"),
+                            ("--peptides-per-batch", "peptides_per_batch"),
+                            ("--narrow-dihedrals", "narrow_dihedrals"), ("--whitening", "whitening"),
+                            ("--ring-closure", "ring_closure")),
+}
+
+
+def _refuse_other_familys_options(args: argparse.Namespace) -> None:
+    """A new run's options must belong to its family: e.g. ``--coupling ot`` without ``--family egnn-cnf``
+    would otherwise train an internal-coordinate flow and ignore the option."""
+    family = args.family or TrainingConfig().family
+    for other, options in _FAMILY_ONLY_OPTIONS.items():
+        given = [opt for opt, arg in options if other != family and getattr(args, arg, None) is not None]
+        if given:
+            raise SystemExit(f"openmm-tbg train: {', '.join(given)} apply to the {other} family only, but this run "
+                             f"trains the {family} family{'' if args.family else ' (the default)'}; add "
+                             f"--family {other}, or drop them.")
+
+
 def run_from_cli(args: argparse.Namespace) -> int:
     """Entry point of ``openmm-tbg train``; returns the process exit code."""
     if args.init_from == "default":
@@ -140,6 +166,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
         if clash:
             raise SystemExit(f"openmm-tbg train: {', '.join(clash)} cannot be combined with --init-from, whose model "
                              "fixes the architecture, coordinates, whitening and length scale; drop them.")
+    if args.init_from is None and not args.resume:
+        _refuse_other_familys_options(args)
     config = config_from_args(args)
     progress = not args.no_progress
     split = None if args.split in ("", "none", "all") else args.split

@@ -66,7 +66,8 @@ class TrainingConfig:
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     family : str
-        Model family (`openmm_tbg.model.FAMILIES`): ``"egnn-cnf"`` trains by flow matching,
+        Model family (`openmm_tbg.model.FAMILIES`; default ``"internal-coordinate"``, the family the sampler
+        loads by default; a run with ``init_from`` takes its parent's): ``"egnn-cnf"`` trains by flow matching,
         ``"internal-coordinate"`` by maximum likelihood (`openmm_tbg.training.likelihood`). ``hidden`` is the
         width of either; the flow-matching fields (``n_layers``, ``coupling``, ``sigma``, ``length_scale``,
         ...) apply to the CNF only, the next four to the internal-coordinate flow only.
@@ -128,7 +129,7 @@ class TrainingConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     device: str = "auto"
-    family: str = "egnn-cnf"
+    family: str = "internal-coordinate"
     rounds: int = 3
     blocks: int = 1
     bins: int = 8

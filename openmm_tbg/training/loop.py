@@ -131,6 +131,7 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
     init_state = statistics = None
     if state is None and init_from is not None:
         parent, init_state, statistics = load_parent(init_from, config, trajectories)
+        config.validate()  # again: the parent's family may refuse the objective
         if dist_info.is_main:
             logger.info("Starting from %s (sha256 %s..., %s steps).", parent["path"], parent["sha256"][:12],
                         parent["steps"])
