@@ -9,20 +9,18 @@ re-exported by :mod:`openmm_tbg.encoding`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
+from .residues import AMINO_ACIDS, UnsupportedTopologyError
 from .utils import to_nm
 
-if TYPE_CHECKING:
-    from .encoding import AtomEncoding
-
-# `encoding` imports this module when it loads (encode_topology calls check_chirality, and it re-exports the
-# names below), so the encoding names used here are imported inside the functions that need them.
+# `encoding` imports this module (encode_topology calls check_chirality, and re-exports the names below); this
+# module imports nothing of `encoding`, so the two have no cycle. ``encoding`` arguments are AtomEncodings.
 
 
-def chiral_centers(encoding: AtomEncoding) -> np.ndarray:
+def chiral_centers(encoding: Any) -> np.ndarray:
     """Chiral centres of a peptide and the neighbour ordering that defines their handedness.
 
     Parameters
@@ -36,8 +34,6 @@ def chiral_centers(encoding: AtomEncoding) -> np.ndarray:
         (CA, CG1, CG2) and CB of Thr with (CA, OG1, CG2). The natural L-amino acid (2S,3S Ile, 2S,3R Thr) has a
         positive signed volume ``det([a - center, b - center, c - center])`` (checked on the MD data set).
     """
-    from .encoding import AMINO_ACIDS
-
     index: dict[tuple[int, str], int] = {}
     for i, (r, name) in enumerate(zip(encoding.residue_index, encoding.atom_names)):
         index[(int(r), name)] = i
@@ -80,7 +76,7 @@ def signed_volumes(positions_nm, centers: np.ndarray) -> np.ndarray:
     return np.linalg.det(v)
 
 
-def check_chirality(encoding: AtomEncoding, positions) -> None:
+def check_chirality(encoding: Any, positions) -> None:
     """Raise `~openmm_tbg.encoding.UnsupportedTopologyError` if any chiral centre in any frame is D-configured.
 
     Parameters
@@ -89,8 +85,6 @@ def check_chirality(encoding: AtomEncoding, positions) -> None:
     positions : array-like or Quantity
         (n_atoms, 3) or (n_frames, n_atoms, 3), nm if unitless.
     """
-    from .encoding import UnsupportedTopologyError
-
     x = to_nm(positions)
     if x.ndim not in (2, 3) or x.shape[-2:] != (encoding.n_atoms, 3):
         raise ValueError(f"positions have shape {x.shape}, expected ({encoding.n_atoms}, 3) or "

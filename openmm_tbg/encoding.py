@@ -30,16 +30,12 @@ from typing import Any
 import numpy as np
 
 from .chirality import check_chirality, chiral_centers, signed_volumes  # noqa: F401 (re-exported)
+from .residues import AMINO_ACIDS, UnsupportedTopologyError  # noqa: F401 (re-exported; they live there)
 
 logger = logging.getLogger(__name__)
 
 ENCODING_VERSION = "tbg-full-v2"
 
-#: The 20 standard amino acids (three-letter codes); the index is the amino-acid token.
-AMINO_ACIDS: tuple[str, ...] = (
-    "ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
-    "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL",
-)
 
 #: One-letter code -> three-letter code of the 20 standard amino acids.
 ONE_TO_THREE: dict[str, str] = {
@@ -95,10 +91,6 @@ _PROTONATION_VARIANTS = {"ASH": "ASP", "GLH": "GLU", "LYN": "LYS", "CYX": "CYS",
                          "TYM": "TYR", "HYP": "PRO"}
 _SUPPORTED = ("supported: one chain of a linear zwitterionic peptide (NH3+ ... COO-) of the 20 standard "
               "L-amino acids with all hydrogens (HIS as HID, HIE or HIP), in vacuum/implicit solvent")
-
-
-class UnsupportedTopologyError(ValueError):
-    """The topology (or its coordinates) is not something the transferable flow can handle."""
 
 
 def atom_name_class_v1(amino_acid: str, atom_name: str) -> str:

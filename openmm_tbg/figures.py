@@ -33,7 +33,7 @@ DYNAMIC_RANGE = 1e4
 
 
 def backbone_torsion_pairs(positions_nm: np.ndarray, topology) -> tuple[np.ndarray, list[str]]:
-    """Backbone (phi, psi) pairs in degrees, from `openmm_tbg.evaluation.torsions.backbone_torsions` (mdtraj).
+    """Backbone (phi, psi) pairs in degrees, from `openmm_tbg.torsions.backbone_torsions` (mdtraj).
 
     A dipeptide has phi only on residue 2 and psi only on residue 1; that pair is its Ramachandran angle pair
     (as in TBG). A longer peptide gives one pair per interior residue (residues 2 .. L-1).
@@ -58,7 +58,7 @@ def backbone_torsion_pairs(positions_nm: np.ndarray, topology) -> tuple[np.ndarr
     """
     import mdtraj
 
-    from .evaluation.torsions import backbone_torsions  # lazy: the evaluation package imports this module
+    from .torsions import backbone_torsions
 
     top = topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
     phi, psi = backbone_torsions(np.asarray(positions_nm), top)  # checks the shape; radians, chain order

@@ -101,8 +101,8 @@ class SampleResult:
         (n,) int: index of the proposal each configuration is (-1: a user-given initial state).
     hamiltonian_gap : float or None
         Robust spread (kT) of the System's reduced potential minus the training Hamiltonian's over the flow's
-        samples (`openmm_tbg.checks.HamiltonianComparison`); None: not measured. Above
-        `openmm_tbg.checks.HAMILTONIAN_GAP_KT` the result warns (`HamiltonianMismatchWarning`).
+        samples (`openmm_tbg.hamiltonian.HamiltonianComparison`); None: not measured. Above
+        `openmm_tbg.hamiltonian.HAMILTONIAN_GAP_KT` the result warns (`HamiltonianMismatchWarning`).
     training_hamiltonian : str
         The model's training Hamiltonian in words, for messages.
 
@@ -179,9 +179,9 @@ class SampleResult:
 
         `FewEffectiveSamplesWarning` below `FEW_EFFECTIVE_SAMPLES` effective samples (also when no proposal is
         valid); `HamiltonianMismatchWarning` when `hamiltonian_gap` exceeds
-        `openmm_tbg.checks.HAMILTONIAN_GAP_KT`. Empty for ``method="none"``.
+        `openmm_tbg.hamiltonian.HAMILTONIAN_GAP_KT`. Empty for ``method="none"``.
         """
-        from .checks import HAMILTONIAN_GAP_KT
+        from .hamiltonian import HAMILTONIAN_GAP_KT
 
         if self.method == "none":
             return []

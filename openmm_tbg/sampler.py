@@ -19,9 +19,10 @@ import openmm
 from openmm import unit
 
 from .checkpoint import resolve_model
-from .checks import (HamiltonianComparison, check_positions, check_system, check_system_structure,
+from .checks import (check_positions, check_system, check_system_structure,
                      topology_atom_labels, warn_plain_low_temperature)
 from .energy import MOLAR_GAS_CONSTANT, ReducedPotential, to_kelvin
+from .hamiltonian import HamiltonianComparison
 from .model import resolve_sampling_options
 from .refinement import check_refined_for
 from .results import SampleResult

@@ -121,7 +121,7 @@ def test_few_effective_samples_warn_in_expectation_and_resample_with_what_to_do(
 
 
 def test_a_system_far_from_the_training_hamiltonian_warns_even_with_many_samples():
-    from openmm_tbg.checks import HAMILTONIAN_GAP_KT
+    from openmm_tbg.hamiltonian import HAMILTONIAN_GAP_KT
 
     far = make_result(np.zeros(200), hamiltonian_gap=HAMILTONIAN_GAP_KT + 2.8)
     assert far.effective_samples == pytest.approx(200.0)

@@ -13,7 +13,7 @@ from openmm import app, unit
 
 from openmm_tbg import (BoltzmannGeneratorSampler, FewEffectiveSamplesWarning, HamiltonianMismatchWarning,
                         TemperatureUnitWarning, build_peptide)
-from openmm_tbg.checks import HAMILTONIAN_GAP_KT
+from openmm_tbg.hamiltonian import HAMILTONIAN_GAP_KT
 from openmm_tbg.encoding import UnsupportedTopologyError
 from openmm_tbg.peptides import create_system
 from openmm_tbg.testing import TOY_TEMPERATURE_K

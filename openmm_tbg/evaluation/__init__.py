@@ -30,7 +30,7 @@ from .pipeline import (PeptideSamples, evaluate, evaluate_peptide, md_reference,
                        sample_peptide)
 from .plots import plot_energy_histogram, plot_ramachandran
 from .report import md_convergence_flags, merge_results, write_report, write_results_markdown
-from .torsions import backbone_torsions, ramachandran_pairs, torsion_features
+from ..torsions import backbone_torsions, ramachandran_pairs, torsion_features
 
 __all__ = [
     "kish_ess", "energy_w2", "torus_w2", "torus_distance", "backbone_torsions", "ramachandran_pairs",

@@ -25,7 +25,7 @@ from .metrics import TORUS_W2_MAX_SAMPLES, alpha_l_indicator, energy_w2, md_popu
     weighted_population
 from .plots import plot_energy_histogram, plot_ramachandran
 from .report import write_report
-from .torsions import backbone_torsions, ramachandran_pairs, torsion_features
+from ..torsions import backbone_torsions, ramachandran_pairs, torsion_features
 
 logger = logging.getLogger(__name__)
 
