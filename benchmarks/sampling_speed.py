@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from _harness import Table, Timer, header, pick_device
 
-from openmm_tbg.checkpoint import DEFAULT_MODEL_PATH, load_model
+from openmm_tbg.checkpoint import load_model
 from openmm_tbg.encoding import encode_topology
 from openmm_tbg.energy import ReducedPotential
 from openmm_tbg.flow import TransferableFlow
@@ -70,10 +70,11 @@ def method_options(name: str, flow: TransferableFlow) -> dict:
 
 
 def build_cnf(size: str, model_path: str | None, device: torch.device) -> tuple[TransferableFlow, str]:
-    """The trained CNF (``model_path``, default the shipped model) when its size matches ``size``, else a
+    """The trained CNF (``model_path``, default the shipped CNF) when its size matches ``size``, else a
     randomly initialised one of that size with the trained model's length scale."""
     layers, hidden = (int(v) for v in size.lower().split("x"))
-    trained = load_model(model_path or DEFAULT_MODEL_PATH, device=str(device))
+    # Default: the shipped CNF by its family name (the default shipped model is the internal-coordinate flow).
+    trained = load_model(model_path or "egnn-cnf", device=str(device))
     if trained.family != "egnn-cnf":
         raise SystemExit(f"sampling_speed: --model {model_path} is a {trained.family!r} model; pass an egnn-cnf "
                          f"checkpoint (internal-coordinate models go to --ic-model).")
@@ -137,7 +138,7 @@ def errors(log_q: np.ndarray, reference: np.ndarray | None) -> tuple:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="CNF checkpoint (default: the shipped model); sizes that differ from "
+    parser.add_argument("--model", help="CNF checkpoint (default: the shipped CNF); sizes that differ from "
                                         "it use random weights")
     parser.add_argument("--sizes", nargs="+", default=["5x64", "9x128"], help="CNF sizes, LAYERSxHIDDEN")
     parser.add_argument("--peptides", nargs="+", default=["AA", "NY", "WW"], help="AA 23, NY 38, WW 51 atoms")

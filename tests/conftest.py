@@ -32,3 +32,8 @@ def toy():
     from openmm_tbg.testing import toy_chain
 
     return toy_chain(3)
+
+
+def pytest_configure(config):
+    # tests/test_cuda.py: `pytest -m cuda` selects the GPU checks (benchmarks/device_check.sh); skipped without CUDA.
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
