@@ -62,7 +62,7 @@ def without_pair_keys(flow, topology):
         g = generic_key(key)
         entries[g] = [a - b for a, b in zip(entries[g], stats)]
     out = copy.deepcopy(flow)
-    out.table = WhiteningTable(entries)
+    out.table = WhiteningTable(entries, fallback=flow.table.fallback)
     return out
 
 

@@ -37,6 +37,7 @@ _PUBLIC = {
     "HamiltonianMismatchWarning": "openmm_tbg.results",
     "SampleSizeWarning": "openmm_tbg.results",
     "TemperatureUnitWarning": "openmm_tbg.checks",
+    "OutsideSupportWarning": "openmm_tbg.moves",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -7,6 +7,7 @@ log-determinant; `base_log_prob` is the factorised base density (standard normal
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ from .zmatrix import ZMatrix, build_zmatrix
 
 __all__ = ["ICContext", "build_context", "collate_contexts", "whiten", "unwhiten", "base_log_prob",
            "NONE", "NORMAL", "WRAPPED_NORMAL", "UNIFORM", "HALF", "CIRCLE", "NARROW_DIHEDRALS"]
+
+logger = logging.getLogger(__name__)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -42,7 +45,10 @@ class ICContext:
     All arrays are in Z-matrix build order: ``tokens`` (N, 4) [residue index, amino acid, atom class, role],
     ``distances`` (N, N) bond-graph distances, ``dof`` (N, 3) which coordinates exist, ``centre``/``width``/
     ``offset`` (N, 3) whitening, ``base`` (N, 3) base-distribution kinds; ``swaps`` the twin groups' canonical
-    sense rules.
+    sense rules; ``fallbacks`` the coordinates whose key had no statistics of its own, as
+    ``(build position, channel, key, source)`` with ``source`` the fallback that whitened it
+    (`openmm_tbg.ic_statistics.WhiteningTable.resolve`: ``"own-residue"``, ``"generic"`` or ``"default"``), and
+    ``fallback_rule`` the table's rule. Both say how much of the density rests on the fallback.
     """
 
     zmatrix: ZMatrix
@@ -55,6 +61,8 @@ class ICContext:
     offset: torch.Tensor
     swaps: tuple = ()
     sequence: str = ""
+    fallbacks: tuple = ()
+    fallback_rule: str = ""
 
     @property
     def n_atoms(self) -> int:
@@ -147,11 +155,14 @@ def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: Whiten
     base = np.zeros((zm.n_atoms, 3), dtype=np.int64)
     swaps = twin_swaps(encoding, bonds, zm)
     half = {sw.sense: sw.centre for sw in swaps}
+    fallbacks = []
     for p, keys in enumerate(zm.keys):
         for c, key in enumerate(keys):
             if not key:
                 continue
-            mu, sigma, _ = table.lookup(key)
+            mu, sigma, source = table.resolve(key)
+            if source != "seen":
+                fallbacks.append((p, c, key, source))
             if c < 2:
                 centre[p, c], width[p, c], base[p, c] = mu, sigma, NORMAL
             elif p in half:
@@ -164,11 +175,17 @@ def build_context(encoding: Any, bonds: Sequence[tuple[int, int]], table: Whiten
                 centre[p, c], width[p, c], base[p, c] = mu, sigma, WRAPPED_NORMAL
             else:
                 base[p, c] = UNIFORM
+    if fallbacks:
+        counts = {s: sum(f[3] == s for f in fallbacks) for s in ("own-residue", "generic", "default")}
+        logger.info("%s: %d of %d coordinates whitened by fallback (rule %r): %s",
+                    getattr(encoding, "sequence", "molecule"), len(fallbacks), int(zm.dof_mask.sum()),
+                    table.fallback, ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return ICContext(zmatrix=zm, tokens=torch.as_tensor(tokens, dtype=torch.long),
                      distances=torch.as_tensor(dist), dof=torch.as_tensor(zm.dof_mask),
                      centre=torch.as_tensor(centre), width=torch.as_tensor(width),
                      base=torch.as_tensor(base), offset=torch.as_tensor(offset), swaps=swaps,
-                     sequence=getattr(encoding, "sequence", ""))
+                     sequence=getattr(encoding, "sequence", ""), fallbacks=tuple(fallbacks),
+                     fallback_rule=table.fallback)
 
 
 def whiten(ic: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

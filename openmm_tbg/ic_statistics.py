@@ -19,6 +19,13 @@ degrees, where every X-Pro train peptide had about 0.2 rad around -64 degrees; p
 it is that again. The table is plain lists of numbers, stored in the checkpoint; the pooled statistics are
 sums of its entries, so the fallback needs nothing else.
 
+The fallback order is part of a model's density (a peptide with unseen keys gets other whitening, hence another
+``log q``, under another order), so it is named (`FALLBACK_RULES`) and stored with the model
+(``InternalCoordinateFlow(whitening_fallback=...)``, saved in the checkpoint's config): ``"all-amino-acids"``
+(the first rule: own key, key without amino acids, defaults) and ``"own-residue"`` (the rule above, from
+2026-12-02). Checkpoints written before the rule was stored were evaluated and published under
+``"own-residue"`` (`LEGACY_FALLBACK_RULE`), so they get it.
+
 `force_field_moments` gives the alternative whitening of bonds and angles from a System's harmonic terms:
 centre at the equilibrium value, width ``sqrt(kT / k)`` (the width of that term alone at temperature T).
 `WhiteningTable.add_moments` stores such values in the same table, so a flow whitened either way is
@@ -34,7 +41,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 __all__ = ["WhiteningTable", "generic_key", "partial_key", "force_field_moments", "UNIFORM_ABOVE",
-           "WHITENING_SOURCES"]
+           "WHITENING_SOURCES", "FALLBACK_RULES", "DEFAULT_FALLBACK_RULE", "LEGACY_FALLBACK_RULE"]
 
 #: Where the bond and angle whitening comes from: the training MD frames, or the force field's harmonic terms
 #: (dihedrals always come from the MD frames).
@@ -42,6 +49,14 @@ WHITENING_SOURCES = ("md", "force-field")
 
 #: Circular standard deviation (rad) above which a dihedral gets a uniform base instead of a wrapped normal.
 UNIFORM_ABOVE = 1.0
+#: Fallback orders for keys without statistics of their own: the sources tried after the key itself.
+FALLBACK_RULES = {"all-amino-acids": ("generic", "default"),
+                  "own-residue": ("own-residue", "generic", "default")}
+#: The rule of new flows.
+DEFAULT_FALLBACK_RULE = "own-residue"
+#: The rule of checkpoints that store none: the one they were evaluated with (the shipped ``ic_dipeptides.pt``,
+#: sha256 31c33887, was evaluated with it on 2026-12-02; docs/ic/results.md).
+LEGACY_FALLBACK_RULE = "own-residue"
 _DEFAULTS = {"b": (0.125, 0.01), "a": (1.95, 0.08), "r": (0.14, 0.01)}  # r: ring-closure distances
 _MIN_STD = {"b": 2e-4, "a": 2e-3, "d": 2e-3, "r": 2e-4}
 
@@ -78,13 +93,26 @@ def partial_key(key: str) -> str:
 class WhiteningTable:
     """Accumulates and looks up per-role statistics.
 
+    Parameters
+    ----------
+    entries : dict, optional
+        Initial entries (as `to_dict` returns them).
+    fallback : str
+        The fallback rule for keys without statistics of their own (`FALLBACK_RULES`).
+
     Attributes
     ----------
     entries : dict
         key -> ``[count, sum, sum of squares]`` (bonds, angles) or ``[count, sum cos, sum sin]`` (dihedrals).
+    fallback : str
     """
 
-    def __init__(self, entries: Optional[dict] = None):
+    def __init__(self, entries: Optional[dict] = None, fallback: str = DEFAULT_FALLBACK_RULE):
+        if fallback not in FALLBACK_RULES:
+            raise ValueError(f"Unknown whitening fallback rule {fallback!r}; this openmm_tbg knows "
+                             f"{sorted(FALLBACK_RULES)}. A checkpoint naming another rule was written by a newer "
+                             "openmm_tbg: use that version, since its density depends on the rule.")
+        self.fallback = fallback
         self.entries: dict[str, list[float]] = {k: [float(v) for v in vals] for k, vals in (entries or {}).items()}
         self._pooled: Optional[dict[str, list[float]]] = None  # partial key -> summed stats, built on first use
 
@@ -138,26 +166,34 @@ class WhiteningTable:
 
     # ---------------------------------------------------------------- lookup
     def lookup(self, key: str) -> tuple[float, float, bool]:
-        """``(centre, width, known)`` for a key; dihedral widths are circular standard deviations (rad)."""
+        """``(centre, width, known)`` for a key; dihedral widths are circular standard deviations (rad).
+        ``known`` is False where the generic defaults were used (`resolve` also says which fallback)."""
+        centre, width, source = self.resolve(key)
+        return centre, width, source != "default"
+
+    def resolve(self, key: str) -> tuple[float, float, str]:
+        """``(centre, width, source)`` of a key under the table's fallback rule: ``source`` is ``"seen"`` (the
+        key's own statistics), ``"own-residue"`` (pooled over keys with the same `partial_key`), ``"generic"``
+        (the key without amino acids) or ``"default"``."""
         kind = key[0]
         # Lazily: a seen key (every key of a training peptide) never builds the pooled index.
-        candidates = (lambda: self.entries.get(key), lambda: self.pooled(key),
-                      lambda: self.entries.get(generic_key(key)))
-        for candidate in candidates:
-            stats = candidate()
+        getters = {"seen": lambda: self.entries.get(key), "own-residue": lambda: self.pooled(key),
+                   "generic": lambda: self.entries.get(generic_key(key))}
+        for source in ("seen",) + FALLBACK_RULES[self.fallback][:-1]:
+            stats = getters[source]()
             if stats is not None and stats[0] > 1:
                 n, s1, s2 = stats
                 if kind == "d":
                     r = math.hypot(s1, s2) / n
                     width = math.sqrt(-2.0 * math.log(min(max(r, 1e-12), 1.0)))
-                    return math.atan2(s2, s1), max(width, _MIN_STD["d"]), True
+                    return math.atan2(s2, s1), max(width, _MIN_STD["d"]), source
                 mean = s1 / n
                 var = max(s2 / n - mean * mean, 0.0)
-                return mean, max(math.sqrt(var), _MIN_STD[kind]), True
+                return mean, max(math.sqrt(var), _MIN_STD[kind]), source
         if kind == "d":
-            return 0.0, float("inf"), False
+            return 0.0, float("inf"), "default"
         mean, std = _DEFAULTS[kind]
-        return mean, std, False
+        return mean, std, "default"
 
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in self.entries.items()}

@@ -32,7 +32,7 @@ from torch import nn
 
 from .ic_context import (CIRCLE, HALF, NARROW_DIHEDRALS, NONE, NORMAL, WRAPPED_NORMAL, ICContext, base_log_prob,
                          build_context, collate_contexts, unwhiten, whiten)
-from .ic_statistics import WhiteningTable
+from .ic_statistics import DEFAULT_FALLBACK_RULE, FALLBACK_RULES, LEGACY_FALLBACK_RULE, WhiteningTable
 from .internal_coordinates import closure_branch_ok, from_internal, log_jacobian, random_rotations, to_internal
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
@@ -112,6 +112,13 @@ class InternalCoordinateFlow(nn.Module):
         and circular splines on [-pi, pi] ("wrapped", the default and the first shipped model's), or an
         atanh map of the circle onto the line, scaled by the data's width, with a normal base and the splines
         of bonds and angles ("atanh": the splines' bins then resolve the distribution's width).
+    ring_closure : {"angle", "distance"}
+        How ring closures are parametrised (`openmm_tbg.zmatrix`).
+    whitening_fallback : str
+        How keys without statistics of their own (unseen residue pairs) are whitened
+        (`openmm_tbg.ic_statistics.FALLBACK_RULES`). Part of the density, so it is saved in the config; a
+        config without it (checkpoints from before 2026-12-04) gets
+        `openmm_tbg.ic_statistics.LEGACY_FALLBACK_RULE`, the rule those were evaluated with.
     """
 
     family = "internal-coordinate"
@@ -121,7 +128,8 @@ class InternalCoordinateFlow(nn.Module):
     def __init__(self, statistics: Optional[dict] = None, n_rounds: int = 3, hidden: int = 64, n_heads: int = 4,
                  n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
                  n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8,
-                 narrow_dihedrals: str = "wrapped", ring_closure: str = "angle"):
+                 narrow_dihedrals: str = "wrapped", ring_closure: str = "angle",
+                 whitening_fallback: str = DEFAULT_FALLBACK_RULE):
         super().__init__()
         from .encoding import ATOM_NAME_CLASSES
 
@@ -132,9 +140,13 @@ class InternalCoordinateFlow(nn.Module):
         if ring_closure not in RING_CLOSURES:
             raise ValueError(f"InternalCoordinateFlow: ring_closure must be one of {RING_CLOSURES}, got "
                              f"{ring_closure!r}.")
+        if whitening_fallback not in FALLBACK_RULES:
+            raise ValueError(f"InternalCoordinateFlow: whitening_fallback must be one of {sorted(FALLBACK_RULES)}, "
+                             f"got {whitening_fallback!r}; a checkpoint naming another rule was written by a newer "
+                             "openmm_tbg, and its density depends on the rule: load it with that version.")
         self.narrow_dihedrals = narrow_dihedrals
         self.ring_closure = ring_closure
-        self.table = WhiteningTable(statistics)
+        self.table = WhiteningTable(statistics, fallback=whitening_fallback)
         self._config = {"n_rounds": int(n_rounds), "hidden": int(hidden), "n_heads": int(n_heads),
                         "n_blocks": int(n_blocks), "n_bins": int(n_bins), "bound": float(bound),
                         "max_residues": int(max_residues), "n_amino_acids": int(n_amino_acids),
@@ -143,6 +155,8 @@ class InternalCoordinateFlow(nn.Module):
             self._config["narrow_dihedrals"] = narrow_dihedrals
         if ring_closure != "angle":  # likewise: absent = "angle"
             self._config["ring_closure"] = ring_closure
+        # Always stored (absent means LEGACY_FALLBACK_RULE, which may differ from a future default).
+        self._config["whitening_fallback"] = whitening_fallback
         self.vocab_sizes = (int(max_residues), int(n_amino_acids), n_atom_classes)
         self.bound = float(bound)
         self._vocab = (int(max_residues), int(n_amino_acids), n_atom_classes, 8)  # the last: Z-matrix roles
@@ -163,6 +177,7 @@ class InternalCoordinateFlow(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "InternalCoordinateFlow":
         config = dict(config)
+        config.setdefault("whitening_fallback", LEGACY_FALLBACK_RULE)  # files from before the rule was stored
         dtype = config.pop("dtype", "float32")
         if dtype not in ("float32", "float64"):
             raise ValueError(f"InternalCoordinateFlow.from_config: dtype must be 'float32' or 'float64', got "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -34,10 +35,15 @@ from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TBGMove"]
+__all__ = ["TBGMove", "OutsideSupportWarning"]
 
 _STATISTICS = ("n_accepted", "n_proposed", "n_invalid", "n_non_finite_energy", "n_mirrored", "n_relabelled",
-               "n_log_prob_evaluations")
+               "n_log_prob_evaluations", "n_outside_support")
+
+
+class OutsideSupportWarning(UserWarning):
+    """The current state of a `TBGMove` lies outside the flow's support (``log q = -inf``), so the move can
+    never leave it: only other moves (MD) can."""
 # Flows loaded by __setstate__, shared between the restored copies of a move (one per replica). Bounded: a
 # long-lived process that restores moves of many different models keeps only the most recent ones.
 _MODEL_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
@@ -88,7 +94,8 @@ class TBGMove(mcmc.MCMCMove):
     ----------
     statistics : dict
         ``n_accepted``, ``n_proposed``, ``n_invalid`` (failed validity), ``n_non_finite_energy``,
-        ``n_mirrored``, ``n_relabelled``, ``n_log_prob_evaluations``.
+        ``n_mirrored``, ``n_relabelled``, ``n_log_prob_evaluations``, ``n_outside_support`` (valid proposals
+        made while the current state lay outside the flow's support, all rejected).
 
     Notes
     -----
@@ -106,6 +113,14 @@ class TBGMove(mcmc.MCMCMove):
     `openmm_tbg.checks.check_system_structure` (bond terms against the Topology's bonds, a finite and sane energy,
     invariance under rigid motions) once per System, at the first `apply` in a thermodynamic state with that
     System, at the current positions. A move built from a sampler was checked with the sampler's System too.
+
+    Support gaps: a current state the flow cannot produce (``log q(x) = -inf``: for the internal-coordinate
+    flow a twin group with no canonical labelling, or a ring closure on the other branch) gives every proposal
+    acceptance probability ``q(x) pi(x') / (q(x') pi(x)) = 0``, as independence Metropolis-Hastings must; the
+    chain stays there until another move (MD) takes it back into the support. Such proposals are counted in
+    ``n_outside_support`` (they skip the energy evaluation), and the first one of a move warns with
+    `OutsideSupportWarning`. The stationary distribution of a chain that mixes MD and this move is still the
+    Boltzmann one; a chain of this move alone started outside the support never moves.
 
     ``isinstance(x, TBGMove)`` is True only for instances of this class and its subclasses (openmmtools' base
     class would accept any object).
@@ -179,6 +194,7 @@ class TBGMove(mcmc.MCMCMove):
         self._buffer: list = []
         self._cache = None  # (positions, log q) of the last state whose density is known
         self._checked_systems: set = set()  # standard-System hashes that passed check_system_structure
+        self._warned_outside = False  # OutsideSupportWarning once per move
 
     # ---------------------------------------------------------------------------------------- statistics
     @property
@@ -284,6 +300,10 @@ class TBGMove(mcmc.MCMCMove):
                 self._statistics["n_invalid"] += 1
                 continue
             lq_old = self._log_q(x_old)
+            if lq_old == -np.inf:  # acceptance exactly zero: no energy needed
+                self._statistics["n_outside_support"] += 1
+                self._warn_outside()
+                continue
             x_new = x_new - x_new.mean(axis=0) + centre
             context.setPositions(x_new)
             u_new = thermodynamic_state.reduced_potential(context)
@@ -298,6 +318,16 @@ class TBGMove(mcmc.MCMCMove):
         if accepted:
             sampler_state.positions = unit.Quantity(x_old, unit.nanometer)
         sampler_state.apply_to_context(context, ignore_velocities=True)
+
+    def _warn_outside(self) -> None:
+        if self._warned_outside:
+            return
+        self._warned_outside = True
+        warnings.warn("TBGMove: the current state lies outside the flow's support (log q = -inf: for the "
+                      "internal-coordinate flow, twin atoms with no canonical labelling or a ring closure on the "
+                      "other branch), so no proposal can be accepted from it; only other moves (e.g. MD in a "
+                      "SequenceMove) can leave it. Counted in statistics['n_outside_support']; start from an MD "
+                      "frame or a flow sample to avoid it.", OutsideSupportWarning, stacklevel=3)
 
     def _current_positions(self, sampler_state) -> np.ndarray:
         """The sampler state's positions (nm), refusing a wrong atom count or non-finite coordinates."""

@@ -6,7 +6,11 @@ gives reduced potentials ``u(x) = U(x) / kT``. The importance weight of a valid 
 :mod:`openmm_tbg.validity`) or whose energy or density is not finite get weight 0 and are counted by reason.
 
 ``method="metropolis"`` runs an independence Metropolis-Hastings chain over the proposals, accepting ``x'``
-with probability ``min(1, w(x') / w(x))``; its states are exact Boltzmann samples (correlated through repeats).
+with probability ``min(1, w(x') / w(x))``. Its stationary distribution is the Boltzmann one, so its states are
+Boltzmann samples *asymptotically*: the chain starts from one state (the first valid proposal, or the user's),
+which is not a Boltzmann draw, and its states are correlated through repeats. ``burn_in`` discards the first
+states; averages over the chain (every state counts once) need the integrated autocorrelation time for their
+error bars (`openmm_tbg.evaluation.autocorrelation`).
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ class BoltzmannGeneratorSampler:
         return lq.detach().double().cpu().numpy()
 
     def sample(self, n: int, method: str = "importance", progress: bool = True,
-               initial_positions=None) -> SampleResult:
+               initial_positions=None, burn_in: int = 0) -> SampleResult:
         """Draw ``n`` flow samples and weight them (importance), chain them (metropolis) or not (none).
 
         Parameters
@@ -219,12 +223,15 @@ class BoltzmannGeneratorSampler:
             Number of flow proposals.
         method : {"importance", "metropolis", "none"}
             ``"importance"``: weights ``exp(-u - log q)``; ``"metropolis"``: independence Metropolis-Hastings
-            chain over the proposals (exact Boltzmann states); ``"none"``: raw flow samples, uniform weights
-            over valid ones.
+            chain over the proposals (Boltzmann-distributed asymptotically; equal weights, correlated states:
+            see the module notes); ``"none"``: raw flow samples, uniform weights over valid ones.
         progress : bool
             Show a tqdm progress bar.
         initial_positions : Quantity or array, optional
             (n_atoms, 3) nm: the chain's starting state (metropolis only). Default: the first valid proposal.
+        burn_in : int
+            Chain states discarded at the start (metropolis only): the result holds the states after them, and
+            its ``acceptance_rate`` and `SampleResult.n_distinct` are those of the kept part.
 
         Returns
         -------
@@ -236,6 +243,13 @@ class BoltzmannGeneratorSampler:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
         if initial_positions is not None and method != "metropolis":
             raise ValueError("initial_positions only applies to method='metropolis'.")
+        if isinstance(burn_in, bool) or int(burn_in) != burn_in or burn_in < 0:
+            raise ValueError(f"burn_in must be a non-negative integer (chain states to discard), got {burn_in!r}.")
+        if burn_in and method != "metropolis":
+            raise ValueError("burn_in only applies to method='metropolis'; importance weights need none.")
+        if burn_in >= n:
+            raise ValueError(f"burn_in ({burn_in}) must be smaller than the number of proposals n ({n}); draw more "
+                             "proposals or discard fewer states.")
         x0 = None
         if initial_positions is not None:
             x0 = check_positions(initial_positions, self.encoding.n_atoms, what="initial_positions")
@@ -263,12 +277,13 @@ class BoltzmannGeneratorSampler:
                                   log_q=p["log_q"], valid=valid, reasons=p["reasons"], acceptance_rate=None,
                                   method=method, proposal_index=np.arange(n), **common)
         else:
-            result = self._metropolis(p, log_w, x0, common)
+            result = self._metropolis(p, log_w, x0, common, int(burn_in))
         logger.info("%s", result.summary())
         result.warn(stacklevel=2)  # FewEffectiveSamplesWarning / HamiltonianMismatchWarning, at the caller
         return result
 
-    def _metropolis(self, p: dict, log_w: np.ndarray, x0: Optional[np.ndarray], common: dict) -> SampleResult:
+    def _metropolis(self, p: dict, log_w: np.ndarray, x0: Optional[np.ndarray], common: dict,
+                    burn_in: int = 0) -> SampleResult:
         n = len(log_w)
         if x0 is not None:
             report = self.checker(x0)
@@ -293,19 +308,26 @@ class BoltzmannGeneratorSampler:
             x_cur, u_cur, lq_cur, lw_cur = p["positions"][cur], p["u"][cur], p["log_q"][cur], log_w[cur]
             if start:
                 logger.info("The chain starts at proposal %d, the first valid one.", start)
-        index, n_accepted, n_considered = [], 0, 0
+        index, accepted = [], []  # accepted[k]: state k was reached by an accepted move
         log_uniform = np.log(self._rng.random(n))
         first = True
         for i in range(start, n):
             if x0 is None and first:
                 first = False  # the chain's first state is proposal `start` itself
+                accepted.append(False)
             else:
-                n_considered += 1
-                if np.isfinite(log_w[i]) and log_uniform[i] < log_w[i] - lw_cur:
+                step = bool(np.isfinite(log_w[i]) and log_uniform[i] < log_w[i] - lw_cur)
+                if step:
                     cur, lw_cur = i, log_w[i]
-                    n_accepted += 1
+                accepted.append(step)
             index.append(cur)
-        index = np.asarray(index, dtype=np.int64)
+        # Burn-in: drop the first states (the chain's start is not a Boltzmann draw).
+        dropped = min(burn_in, len(index) - 1)  # at least one state is kept (the chain may start late)
+        if dropped < burn_in:
+            logger.warning("The chain started at proposal %d, so only %d of the %d burn-in states could be dropped.",
+                           start, dropped, burn_in)
+        index = np.asarray(index[dropped:], dtype=np.int64)
+        considered = accepted[dropped + 1:] if (dropped or x0 is None) else accepted[dropped:]
         states = np.where(index >= 0, index, 0)
         user = index < 0
         positions = p["positions"][states].copy()
@@ -314,10 +336,13 @@ class BoltzmannGeneratorSampler:
         if user.any():  # states before the first accepted proposal are the user's initial state
             positions[user], u[user], lq[user] = x_cur, u_cur, lq_cur
         m = len(index)
-        rate = n_accepted / n_considered if n_considered else float("nan")
-        return SampleResult(positions=positions, log_weights=np.full(m, -np.log(m)), reduced_potentials=u,
-                            log_q=lq, valid=np.ones(m, dtype=bool), reasons=np.full(m, "", dtype=object),
-                            acceptance_rate=rate, method="metropolis", proposal_index=index, **common)
+        rate = float(np.mean(considered)) if len(considered) else float("nan")
+        result = SampleResult(positions=positions, log_weights=np.full(m, -np.log(m)), reduced_potentials=u,
+                              log_q=lq, valid=np.ones(m, dtype=bool), reasons=np.full(m, "", dtype=object),
+                              acceptance_rate=rate, method="metropolis", proposal_index=index, **common)
+        logger.info("Metropolis chain: %d states after a burn-in of %d, %d distinct, acceptance %.3f", m, dropped,
+                    result.n_distinct, rate)
+        return result
 
     def close(self) -> None:
         """Release energy worker processes."""

@@ -123,3 +123,75 @@ def test_unseen_residue_pair_is_whitened_from_the_same_residue_in_other_pairs():
     assert seen[0] == pytest.approx(np.arctan2(np.sin(pro_frames[0]).mean(), np.cos(pro_frames[0]).mean()))
     table.add(["d|TRP:C:+0|TRP:CA:+0|TRP:N:+0|ALA:C:-1"], rng.normal(-1.3, 0.3, 400)[:, None])
     assert table.lookup("d|TRP:C:+0|TRP:CA:+0|TRP:N:+0|GLY:C:-1")[1] < 0.35
+
+
+# log q (float64 evaluation of the shipped float32 weights) of fixture MD frames 0, 20 and 40, measured on
+# 2026-12-04 with the shipped ic_dipeptides.pt under its rule "own-residue". AA and GP are unseen residue pairs
+# for that model (its test split), so 9 resp. 10 of their coordinates are whitened by the fallback: a change of
+# the rule or of its code changes these numbers (by -0.4 to +0.2 nats on AA and up to +14 nats on GP for the
+# earlier "all-amino-acids" rule) while the file keeps its sha256.
+SHIPPED_IC_SHA256 = "31c338874129629a0c61d7a5094e51253197344c46eba2e0bf969dd07461f7d7"
+GOLDEN_LOG_Q = {"AA": [226.182157, 229.719955, 228.568965], "GP": [233.8149256, 228.4103897, 233.0300761]}
+
+
+def _fixture_molecule(fixture_dir, name):
+    from openmm import app
+
+    from openmm_tbg.encoding import encode_topology
+
+    pdb = app.PDBFile(str(fixture_dir / f"{name}.pdb"))
+    bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
+    frames = np.load(fixture_dir / f"{name}.npz")["positions"].astype(np.float64) * 1e-4
+    return encode_topology(pdb.topology), bonds, torch.as_tensor(frames[[0, 20, 40]])
+
+
+@pytest.fixture(scope="module")
+def shipped_ic():
+    from openmm_tbg.checkpoint import SHIPPED_MODELS, load_model
+
+    flow = load_model(SHIPPED_MODELS["internal-coordinate"])
+    assert flow.checkpoint_sha256 == SHIPPED_IC_SHA256, "a new shipped model: measure GOLDEN_LOG_Q again"
+    return flow.double()
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_LOG_Q))
+def test_shipped_checkpoint_reproduces_its_golden_log_q(fixture_dir, shipped_ic, name):
+    """The same file gives the same density: the fallback rule of a checkpoint without one is the rule it was
+    evaluated with, and the context records which coordinates fell back."""
+    from openmm_tbg.ic_statistics import LEGACY_FALLBACK_RULE
+
+    encoding, bonds, x = _fixture_molecule(fixture_dir, name)
+    assert shipped_ic.config["whitening_fallback"] == LEGACY_FALLBACK_RULE == "own-residue"
+    ctx = shipped_ic.condition(encoding, bonds)
+    assert ctx.fallback_rule == "own-residue"
+    assert len(ctx.fallbacks) == {"AA": 9, "GP": 10}[name]
+    assert {f[3] for f in ctx.fallbacks} == {"own-residue"} and all(f[2].count("|") >= 2 for f in ctx.fallbacks)
+    np.testing.assert_allclose(shipped_ic.log_prob(x, ctx).numpy(), GOLDEN_LOG_Q[name], rtol=0, atol=1e-6)
+
+
+def test_the_fallback_rule_travels_with_the_checkpoint(fixture_dir, shipped_ic, tmp_path):
+    """A flow saved with another rule is loaded with it (not with the code's default), its density on unseen
+    pairs differs, and an unknown rule is refused with a message naming it."""
+    import copy
+
+    from openmm_tbg.checkpoint import CheckpointError, load_model, save_model
+    from openmm_tbg.icflow import InternalCoordinateFlow
+
+    encoding, bonds, x = _fixture_molecule(fixture_dir, "GP")
+    config = {k: v for k, v in shipped_ic.config.items() if k != "dtype"}
+    config["whitening_fallback"] = "all-amino-acids"
+    other = InternalCoordinateFlow(**config).double()
+    other.load_state_dict(shipped_ic.state_dict())
+    save_model(other, tmp_path / "other.pt")
+    loaded = load_model(tmp_path / "other.pt").double()
+    assert loaded.table.fallback == "all-amino-acids"
+    ctx = loaded.condition(encoding, bonds)
+    assert {f[3] for f in ctx.fallbacks} == {"generic"}
+    np.testing.assert_allclose(loaded.log_prob(x, ctx).numpy(), other.log_prob(x, other.condition(encoding, bonds)),
+                               atol=1e-10)
+    assert float(np.abs(loaded.log_prob(x, ctx).numpy() - GOLDEN_LOG_Q["GP"]).max()) > 1.0
+    bad = copy.deepcopy(other)
+    bad._config["whitening_fallback"] = "nearest"
+    save_model(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="'nearest'.*newer openmm_tbg"):
+        load_model(tmp_path / "bad.pt")

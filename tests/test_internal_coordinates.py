@@ -8,7 +8,7 @@ import torch
 from openmm import app
 
 from openmm_tbg.encoding import encode_topology, signed_volumes, chiral_centers
-from openmm_tbg.internal_coordinates import (LOG_SO3_VOLUME, closure_branch_ok, dihedral, from_internal,
+from openmm_tbg.internal_coordinates import (closure_branch_ok, dihedral, from_internal,
                                              log_jacobian, random_rotations, to_internal)
 from openmm_tbg.peptides import build_peptide
 from openmm_tbg.zmatrix import build_zmatrix
@@ -148,21 +148,33 @@ def test_log_jacobian_matches_brute_force_autograd(fixture_dir, name, ring_closu
     assert jac.shape == (3 * n - 3, 3 * n - 3)
     brute = float(torch.linalg.slogdet(jac)[1])
     x0 = torch.as_tensor(frames[3:4])
-    closed = (-float(log_jacobian(ic0[None, :, 0], ic0[None, :, 1], zm, positions=x0)[0]) - LOG_SO3_VOLUME
+    # The Haar volume of SO(3) in these Euler angles (R = Rz(beta) Ry(alpha) Rz(gamma), measure sin(alpha)):
+    # int_0^pi sin(alpha) d alpha * (2 pi)^2 = 8 pi^2, computed here rather than taken from the module, so that
+    # a wrong constant there does not cancel.
+    so3_volume = 2.0 * (2 * math.pi) ** 2
+    closed = (-float(log_jacobian(ic0[None, :, 0], ic0[None, :, 1], zm, positions=x0)[0]) - math.log(so3_volume)
               + math.log(math.sin(0.7)))
     assert brute == pytest.approx(closed, abs=1e-8)
 
 
 def test_random_rotations_are_proper_and_uniform():
+    """Haar measure on SO(3): the rotation angle omega has CDF (omega - sin omega) / pi, and the image of a fixed
+    vector is uniform on the sphere (each coordinate uniform on [-1, 1]). Kolmogorov-Smirnov statistics against
+    both, with the critical value of level 1e-4 for the sample size."""
+    from scipy import stats
+
+    n = 20000
     g = torch.Generator().manual_seed(1)
-    r = random_rotations(4000, g)
+    r = random_rotations(n, g)
     np.testing.assert_allclose(torch.linalg.det(r).numpy(), 1.0, atol=1e-12)
-    np.testing.assert_allclose((r @ r.transpose(1, 2)).numpy(), np.broadcast_to(np.eye(3), (4000, 3, 3)), atol=1e-12)
-    # Haar: the image of a fixed vector is uniform on the sphere, so each coordinate of it has mean 0 and
-    # variance 1/3 (standard error of the variance sqrt(4/45 / n) for a uniform coordinate).
+    np.testing.assert_allclose((r @ r.transpose(1, 2)).numpy(), np.broadcast_to(np.eye(3), (n, 3, 3)), atol=1e-12)
+    critical = math.sqrt(-math.log(1e-4 / 2) / (2 * n))
+    trace = r.diagonal(dim1=1, dim2=2).sum(-1).numpy()
+    omega = np.arccos(np.clip((trace - 1) / 2, -1, 1))
+    assert stats.kstest(omega, lambda w: (w - np.sin(w)) / np.pi).statistic < critical
     v = (r @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)).numpy()
-    assert np.all(np.abs(v.mean(0)) < 5 * np.sqrt(1 / 3 / 4000))
-    assert np.all(np.abs(v.var(0) - 1 / 3) < 5 * np.sqrt(4 / 45 / 4000))
+    for c in range(3):
+        assert stats.kstest(v[:, c], stats.uniform(-1, 2).cdf).statistic < critical
 
 
 def test_bad_bond_graphs_are_refused():

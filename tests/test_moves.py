@@ -327,3 +327,60 @@ def test_stored_spawn_key_stays_bounded_over_store_restore_cycles(toy, saved_egn
         move.statistics = dict(move.statistics, n_proposed=move.statistics["n_proposed"] + 1)
     assert max(keys) == 0 and len(move._seed_seq.spawn_key) <= 1
     assert len(set(seeds)) == len(seeds)  # every stored state has a stream of its own
+
+
+def test_a_state_outside_the_support_is_counted_and_warned_once(fixture_dir):
+    """AA with HB3 turned 180 degrees about CA-CB: both other methyl hydrogens on one side of HB1, a labelling
+    with no canonical form, so log q = -inf there. Every valid proposal from it has acceptance exactly 0; each
+    is counted in n_outside_support, the first one warns, and an MD-like change of state back into the support
+    lets the move accept again."""
+    import warnings
+
+    from openmm import app
+    from scipy.spatial.transform import Rotation
+
+    from openmm_tbg import OutsideSupportWarning
+    from openmm_tbg.encoding import encode_topology
+    from openmm_tbg.ic_statistics import WhiteningTable
+    from openmm_tbg.icflow import InternalCoordinateFlow
+    from openmm_tbg.internal_coordinates import to_internal
+    from openmm_tbg.peptides import create_system
+    from openmm_tbg.zmatrix import build_zmatrix
+
+    pdb = app.PDBFile(str(fixture_dir / "AA.pdb"))
+    encoding = encode_topology(pdb.topology)
+    bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
+    frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
+    zm = build_zmatrix(encoding, bonds)
+    ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
+    table = WhiteningTable()
+    for c in range(3):
+        table.add([k[c] for k in zm.keys], ic[..., c])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        flow = InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
+                                      n_bins=4).double()
+    names = [a.name for a in pdb.topology.atoms()]
+    ca, cb, hb3 = names.index("CA"), names.index("CB"), names.index("HB3")  # the first residue's methyl
+    x = frames[0].copy()
+    axis = (x[cb] - x[ca]) / np.linalg.norm(x[cb] - x[ca])
+    x[hb3] = x[cb] + (x[hb3] - x[cb]) @ Rotation.from_rotvec(np.pi * axis).as_matrix().T
+    ctx = flow.condition(encoding, bonds)
+    assert float(flow.log_prob(torch.as_tensor(x[None]), ctx)[0]) == -np.inf
+    move = TBGMove(flow, pdb.topology, seed=3, n_attempts=40, buffer_size=40)
+    thermo = states.ThermodynamicState(create_system(pdb.topology), 310 * unit.kelvin)
+    state = states.SamplerState(x * unit.nanometer)
+    with pytest.warns(OutsideSupportWarning, match="outside the flow's support"):
+        move.apply(thermo, state)
+    stats = move.statistics
+    n_valid = stats["n_proposed"] - stats["n_invalid"]
+    assert n_valid > 0 and stats["n_outside_support"] == n_valid and stats["n_accepted"] == 0
+    assert np.array_equal(state.positions.value_in_unit(unit.nanometer), x)  # never left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutsideSupportWarning)  # once per move
+        move.apply(thermo, state)
+    assert move.statistics["n_outside_support"] == move.statistics["n_proposed"] - move.statistics["n_invalid"]
+    # Inside the support again (an MD frame): nothing more is counted.
+    before = move.statistics["n_outside_support"]
+    move.apply(thermo, states.SamplerState(frames[1] * unit.nanometer))
+    assert move.statistics["n_outside_support"] == before
