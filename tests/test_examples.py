@@ -30,3 +30,13 @@ def test_help_and_measured_cost(name, capsys):
     assert "/usr/bin/time -v" in text and "peak memory" in text and "RUNTIME below" not in text
     if name in ("hybrid_md_bg", "replica_exchange_bg"):
         assert "--buffer-size" in text
+
+
+def test_replica_exchange_refuses_to_overwrite_in_one_line(tmp_path, capsys):
+    """Issue 21 item 5: a second run without --resume names --resume / --storage instead of openmmtools'
+    "cowardly refusing to overwrite" traceback, before any work."""
+    storage = tmp_path / "repex.nc"
+    storage.write_bytes(b"")
+    assert _load("replica_exchange_bg").main(["--storage", str(storage)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--storage" in err[0], err
