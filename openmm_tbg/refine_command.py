@@ -74,7 +74,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sampler = BoltzmannGeneratorSampler(system, topology, model=args.model, temperature=args.temperature,
-                                            device=args.device, seed=args.seed, positions=positions)
+                                            device=args.device, seed=args.seed, positions=positions,
+                                            threads=args.torch_threads)
         options = RefinementOptions(max_seconds=args.max_seconds, max_steps=args.max_steps,
                                     learning_rate=args.learning_rate, batch_size=args.batch_size,
                                     kl_weight=args.kl_weight, ml_weight=args.ml_weight,

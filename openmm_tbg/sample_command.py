@@ -293,7 +293,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
                                             device=args.device, batch_size=batch_size, seed=seed,
-                                            positions=positions, **ode_kwargs(args))
+                                            positions=positions, threads=args.torch_threads, **ode_kwargs(args))
         # Printed once the input has passed every check, so that an error is not preceded by "repeats this run".
         print(f"seed: {seed} (drawn at random; --seed {seed} repeats this run)" if args.seed is None
               else f"seed: {seed}", flush=True)
