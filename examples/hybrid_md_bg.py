@@ -43,9 +43,12 @@ import numpy as np
 import openmm
 import torch
 from openmm import unit
-from openmmtools import cache, mcmc, states
 
 from openmm_tbg import BoltzmannGeneratorSampler, TBGMove, build_peptide
+from openmm_tbg.quiet import quiet_openmmtools
+
+with quiet_openmmtools():  # pymbar's import banners
+    from openmmtools import cache, mcmc, states
 
 
 def basin(phi: float, psi: float) -> str:

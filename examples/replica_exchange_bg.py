@@ -33,6 +33,7 @@ training, test suites) shared; the load average is given with each figure:
 import argparse
 import logging
 import os
+import sys
 import time
 
 import mdtraj
@@ -40,9 +41,18 @@ import numpy as np
 import openmm
 import torch
 from openmm import unit
-from openmmtools import cache, mcmc, multistate, states
 
 from openmm_tbg import BoltzmannGeneratorSampler, TBGMove, build_peptide
+from openmm_tbg.quiet import quiet_openmmtools
+
+with quiet_openmmtools():  # pymbar's import banners
+    from openmmtools import cache, mcmc, multistate, states
+
+
+def storage_files(storage: str) -> list[str]:
+    """The files MultiStateReporter writes for ``storage``: the NetCDF file and its checkpoint file."""
+    base, ext = os.path.splitext(storage)
+    return [storage, f"{base}_checkpoint{ext or '.nc'}"]
 
 
 def main(argv=None) -> int:
@@ -71,14 +81,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.md_threads < 0:
         parser.error(f"--md-threads must be 0 (OpenMM's default) or a positive number, got {args.md_threads}.")
+    existing = [f for f in storage_files(args.storage) if os.path.exists(f)]
+    if args.resume and not os.path.exists(args.storage):
+        parser.error(f"--resume: {args.storage} does not exist; run without --resume first.")
+    if not args.resume and existing:
+        # openmmtools would stop later with a traceback ("cowardly refusing to overwrite"); say what to do now
+        print(f"replica_exchange_bg.py: error: {' and '.join(existing)} exist from an earlier run: pass --resume to "
+              "continue it, --storage NEW.nc to start another, or delete them to start again.", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING)
 
     peptide = build_peptide(args.sequence)
     if args.resume:
-        if not os.path.exists(args.storage):
-            parser.error(f"--resume: {args.storage} does not exist; run without --resume first.")
-        simulation = multistate.ReplicaExchangeSampler.from_storage(multistate.MultiStateReporter(args.storage))
+        with quiet_openmmtools():  # the experimental-API warning and the citation list
+            simulation = multistate.ReplicaExchangeSampler.from_storage(multistate.MultiStateReporter(args.storage))
         for move in simulation._mcmc_moves:  # restored moves keep the stored buffer size; apply this run's
             move.move_list[-1].buffer_size = args.buffer_size
         advance = simulation.extend
@@ -100,9 +117,10 @@ def main(argv=None) -> int:
         openmm.LocalEnergyMinimizer.minimize(context)
         start = states.SamplerState(context.getState(getPositions=True).getPositions(asNumpy=True))
         del context
-        simulation = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=args.iterations)
-        reporter = multistate.MultiStateReporter(args.storage, checkpoint_interval=1)
-        simulation.create(thermodynamic_states=thermodynamic_states, sampler_states=[start], storage=reporter)
+        with quiet_openmmtools():  # the experimental-API warning and the citation list
+            simulation = multistate.ReplicaExchangeSampler(mcmc_moves=move, number_of_iterations=args.iterations)
+            reporter = multistate.MultiStateReporter(args.storage, checkpoint_interval=1)
+            simulation.create(thermodynamic_states=thermodynamic_states, sampler_states=[start], storage=reporter)
         advance = simulation.run
 
     # OpenMM's CPU platform would use every core; for a peptide of a few dozen atoms its threads cost more in

@@ -10,10 +10,12 @@ are not copies of one configuration; it says how many distinct configurations th
     python examples/sample_dipeptide.py --model egnn-cnf --samples 32       # the shipped CNF (slow on a CPU)
     python examples/sample_dipeptide.py --samples 200 --model my.pt         # your own checkpoint
 
-Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM on 2026-12-01/02, which other jobs (model
-training, test suites) shared; the load average is given with each figure:
-- defaults (1000 samples, the internal-coordinate model; what ``make demo`` runs): 5 s, 8 s in all with
-  ``make``, peak memory (maximum resident set) 0.39 GB, load 0.6; ESS 128 samples.
+Cost, measured with ``/usr/bin/time -v`` on the 2-core CPU VM, which other jobs (model training, test suites)
+shared; the load average is given with each figure:
+- defaults (1000 samples, the internal-coordinate model, seed 0; what ``make demo`` runs), 2026-12-03 on one core
+  of the 2-core Intel Xeon VM, load 3.4-3.5: 16 s wall clock (sampling 7 s), peak memory (maximum resident set)
+  0.39 GB; ESS 223 samples (22.3 %), 223 frames resampled holding 153 distinct configurations. On 2026-12-01/02
+  at load 0.6 the same run took 5 s (8 s in all with ``make``).
 - ``--model egnn-cnf --samples 32`` (the CNF's exact likelihoods, in batches of 8): 113 s of sampling, 116 s in
   all, peak memory (maximum resident set) 1.3 GB, load 1-2. With two torch threads under a load of 3-4.6 the
   same run took 846 s; with all 32 in one batch it peaked at 3.1 GB.
@@ -34,8 +36,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequence", default="AA", help="one-letter sequence (default AA)")
     parser.add_argument("--samples", type=int, default=1000,
-                        help="number of flow samples (default 1000; use about 32 with the CNF, which draws 0.02-0.07 "
-                             "samples per second on one CPU core)")
+                        help="number of flow samples (default 1000; use about 32 with the CNF, which drew 0.15 "
+                             "samples per second of AA on one CPU core, 2026-12-03)")
     parser.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
     parser.add_argument("--resample", type=int, default=None,
                         help="frames to resample for the PDB/DCD (default: the ESS in samples, rounded)")

@@ -262,8 +262,15 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
             )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"load_model: checkpoint file {path} does not exist; pass the path of a file "
-                                "written by openmm_tbg.save_model.")
+        import difflib
+
+        # a mistyped family name ("egnn") is the common case: name the accepted ones
+        close = difflib.get_close_matches(str(path), list(SHIPPED_MODELS), n=1, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(
+            f"load_model: {str(path)!r} is neither a shipped model nor an existing checkpoint file.{hint} Pass a "
+            f"shipped model's name ({', '.join(SHIPPED_MODELS)}) or the path of a file written by "
+            "openmm_tbg.save_model, openmm-tbg train or openmm-tbg refine.")
     payload = _read_payload(path)
     encoding_version = payload.get("encoding_version")
     if encoding_version != ENCODING_VERSION:

@@ -23,7 +23,7 @@ from .weights import kish_ess
 logger = logging.getLogger(__name__)
 
 __all__ = ["backbone_torsion_pairs", "ramachandran_figure", "save_ramachandran", "save_refinement_history",
-           "log_ticks", "MIN_SAMPLES",
+           "log_ticks", "colour_range", "MIN_SAMPLES", "LABEL_WEIGHT_FRACTION",
            "DYNAMIC_RANGE"]
 
 #: Fewest (effective) samples a panel needs before it is drawn as a histogram.
@@ -102,31 +102,68 @@ def log_ticks(vmin: float, vmax: float, max_ticks: int = 5) -> tuple[list[float]
     return [float(v) for v in values], labels
 
 
+#: A sample holding at least this fraction of the total weight is labelled with its share in a points panel.
+LABEL_WEIGHT_FRACTION = 0.05
+
+
 def _note_panel(ax, points: np.ndarray, weights: Optional[np.ndarray], note: str) -> None:
-    """Individual samples as points (area proportional to weight when given) and a note instead of a histogram."""
+    """Individual samples as points and a note instead of a histogram.
+
+    With ``weights``, marker area grows with weight and the points are drawn in order of weight, the heaviest
+    last and on top, so that a sample holding most of the weight is not buried under hundreds of light ones;
+    light samples (below 1 % of the heaviest) are small grey dots, and each sample with at least
+    `LABEL_WEIGHT_FRACTION` of the weight is labelled with its share.
+    """
     if len(points):
         if weights is None:
-            sizes = np.full(len(points), 25.0)
+            ax.scatter(points[:, 0], points[:, 1], s=25.0, c="tab:red", alpha=0.8, edgecolors="black",
+                       linewidths=0.5, zorder=3)
         else:
-            w = weights / weights.max()
-            sizes = 10.0 + 190.0 * w
-        ax.scatter(points[:, 0], points[:, 1], s=sizes, c="tab:red", alpha=0.8, edgecolors="black",
-                   linewidths=0.5, zorder=3)
+            order = np.argsort(weights, kind="stable")  # heaviest last = on top
+            p, w = points[order], weights[order] / weights.max()
+            light = w < 0.01
+            if light.any():
+                ax.scatter(p[light, 0], p[light, 1], s=4.0, c="0.6", alpha=0.5, linewidths=0, zorder=2)
+            ax.scatter(p[~light, 0], p[~light, 1], s=15.0 + 285.0 * w[~light], c="tab:red", alpha=0.85,
+                       edgecolors="black", linewidths=0.6, zorder=3)
+            share = weights[order] / weights.sum()
+            for k in np.flatnonzero(share >= LABEL_WEIGHT_FRACTION)[::-1][:5]:
+                # offset towards the inside of the plot, so that a label near an edge stays on it
+                offset = (7 if p[k, 0] < 120 else -32, 7 if p[k, 1] < 150 else -15)
+                ax.annotate(f"{100 * share[k]:.0f} %", (p[k, 0], p[k, 1]), xytext=offset, textcoords="offset points",
+                            fontsize=8, zorder=4, bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
+                                                        "edgecolor": "none", "alpha": 0.8})
     # Centre of the plot (phi ~ 0 is rare), drawn below the points so that it never hides one.
     ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=9, zorder=1,
             bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "0.5", "alpha": 0.7})
 
 
-def _histogram_panel(fig, ax, points: np.ndarray, weights: Optional[np.ndarray], bins: int) -> None:
-    from matplotlib.colors import LogNorm
-
+def _histogram(points: np.ndarray, weights: Optional[np.ndarray], bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(edges, h)``: the fraction of the samples (or of the weight) in each bin over [-180, 180]^2."""
     edges = np.linspace(-180.0, 180.0, bins + 1)
     w = np.ones(len(points)) if weights is None else weights
     h, _, _ = np.histogram2d(points[:, 0], points[:, 1], bins=[edges, edges], weights=w / w.sum())
-    vmax = float(h.max())
-    vmin = max(float(h[h > 0].min()), vmax / DYNAMIC_RANGE)
+    return edges, h
+
+
+def colour_range(histograms) -> tuple[float, float]:
+    """One log colour range ``(vmin, vmax)`` for several histograms: their largest bin, down to at most
+    `DYNAMIC_RANGE` below it or their smallest occupied bin."""
+    vmax = max(float(h.max()) for h in histograms)
+    vmin = max(min(float(h[h > 0].min()) for h in histograms), vmax / DYNAMIC_RANGE)
     if vmin >= vmax:
         vmin = vmax / 10.0  # one occupied bin (or all equal): give the scale a decade so it can be drawn
+    return vmin, vmax
+
+
+def _histogram_panel(fig, ax, points: np.ndarray, weights: Optional[np.ndarray], bins: int,
+                     vrange: Optional[tuple[float, float]] = None, shared: bool = False) -> None:
+    """A log-colour 2-D histogram. Unweighted: the fraction of the samples per bin; weighted: of the weight.
+    ``vrange`` (from `colour_range`) puts several panels on one scale; ``shared`` says so on the colour bar."""
+    from matplotlib.colors import LogNorm
+
+    edges, h = _histogram(points, weights, bins)
+    vmin, vmax = vrange if vrange is not None else colour_range([h])
     shown = np.where(h >= vmin, h, np.nan)
     im = ax.pcolormesh(edges, edges, shown.T, norm=LogNorm(vmin=vmin, vmax=vmax), cmap="viridis",
                        shading="flat")
@@ -136,7 +173,9 @@ def _histogram_panel(fig, ax, points: np.ndarray, weights: Optional[np.ndarray],
     cbar.set_ticklabels(labels)
     cbar.minorticks_off()
     width = 360.0 / bins
-    cbar.set_label(f"fraction of weight per {width:g}°×{width:g}° bin (log)")
+    what = "samples" if weights is None else "weight"
+    cbar.set_label(f"fraction of {what} per {width:g}°×{width:g}° bin (log"
+                   + ("; one scale for the figure)" if shared else ")"))
 
 
 def ramachandran_figure(positions_nm: np.ndarray, topology, log_weights: Optional[np.ndarray] = None,
@@ -200,6 +239,14 @@ def ramachandran_figure(positions_nm: np.ndarray, topology, log_weights: Optiona
     fig = Figure(figsize=(5.4 * len(columns), 4.6 * len(labels) + (0.5 if title else 0.0)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(labels), len(columns), squeeze=False)
+    # The raw and the reweighted histogram of a row share one colour scale, so that colours compare across them.
+    histogram_columns = [w for _, w in columns
+                         if n >= min_samples and (w is None or n_eff >= min_samples)]
+    row_ranges, shared = [], []
+    for row in range(len(labels)):
+        hs = [_histogram(pairs[:, row], w, bins)[1] for w in histogram_columns]
+        row_ranges.append(colour_range(hs) if hs else None)
+        shared.append(len(hs) > 1)
     for row, label in enumerate(labels):
         for col, (heading, w) in enumerate(columns):
             ax = axes[row, col]
@@ -210,9 +257,9 @@ def ramachandran_figure(positions_nm: np.ndarray, topology, log_weights: Optiona
                 _note_panel(ax, points, None, f"{n} valid sample{'s' if n != 1 else ''}: too few for a density")
             elif w is not None and n_eff < min_samples:
                 _note_panel(ax, points, w, f"{n} valid samples, ESS {n_eff:.1f}: too few for a density\n"
-                                           "(marker area ∝ weight)")
+                                           "(marker area ∝ weight, heaviest on top)")
             else:
-                _histogram_panel(fig, ax, points, w, bins)
+                _histogram_panel(fig, ax, points, w, bins, vrange=row_ranges[row], shared=shared[row])
             ax.set_xlim(-180, 180)
             ax.set_ylim(-180, 180)
             ax.set_xticks(np.arange(-180, 181, 90))

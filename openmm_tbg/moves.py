@@ -23,7 +23,11 @@ from typing import Optional
 
 import numpy as np
 from openmm import unit
-from openmmtools import mcmc
+
+from .quiet import quiet_openmmtools
+
+with quiet_openmmtools():  # pymbar's import banners, not about the user's run
+    from openmmtools import mcmc
 
 from .checkpoint import file_sha256, load_model, resolve_model
 from .checks import check_system, check_system_structure

@@ -14,6 +14,7 @@ import os
 import warnings
 
 from .refinement import RefinementOptions
+from .sample_command import MODEL_HELP, add_peptide_arguments, check_outputs_writable
 
 __all__ = ["configure_parser", "run_from_cli"]
 
@@ -24,12 +25,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Refine a transferable model on one peptide's own System (reverse KL with OpenMM forces "
                           "plus likelihood on its importance-weighted proposals), within a time or step budget. "
                           "Needs no MD data.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--sequence", help="one-letter sequence of a zwitterionic peptide, e.g. NY (built with the "
-                                        "data set's Hamiltonian)")
-    src.add_argument("--pdb", help="PDB file of the peptide (System from amber14-all + implicit/obc1)")
-    parser.add_argument("--model", default=None,
-                        help="starting checkpoint (default: the shipped internal-coordinate model)")
+    add_peptide_arguments(parser)
+    parser.add_argument("--model", default=None, help=f"starting model: {MODEL_HELP}")
     parser.add_argument("--out", required=True, help="refined model file to write (.pt)")
     parser.add_argument("--max-seconds", type=float, default=d.max_seconds,
                         help=f"wall-clock budget in seconds, evaluations included (default {d.max_seconds:g})")
@@ -67,9 +64,9 @@ def run_from_cli(args: argparse.Namespace) -> int:
     if args.torch_threads < 1:
         raise ValueError(f"--torch-threads must be a positive integer, got {args.torch_threads}.")
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)  # fail on an unwritable path now, not after the run
-    if not os.access(os.path.dirname(out), os.W_OK):
-        raise PermissionError(f"--out {args.out}: its directory is not writable; pass another path.")
+    figure = os.path.splitext(args.out)[0] + "_refinement.png"
+    # fail on an unwritable path now, not after the run
+    check_outputs_writable([out] + ([] if args.no_figure else [figure]), f"--out {args.out}")
     import torch
 
     torch.set_num_threads(args.torch_threads)
@@ -77,7 +74,8 @@ def run_from_cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sampler = BoltzmannGeneratorSampler(system, topology, model=args.model, temperature=args.temperature,
-                                            device=args.device, seed=args.seed, positions=positions)
+                                            device=args.device, seed=args.seed, positions=positions,
+                                            threads=args.torch_threads)
         options = RefinementOptions(max_seconds=args.max_seconds, max_steps=args.max_steps,
                                     learning_rate=args.learning_rate, batch_size=args.batch_size,
                                     kl_weight=args.kl_weight, ml_weight=args.ml_weight,
@@ -94,11 +92,11 @@ def run_from_cli(args: argparse.Namespace) -> int:
     result = refined.refinement
     print(f"{name}: {result.summary()}")
     print(f"wrote {args.out} (sha256 {result.sha256}); sample with: openmm-tbg sample "
-          f"{'--sequence ' + args.sequence if args.sequence else '--pdb ' + args.pdb} --model {args.out}")
+          f"{'--sequence ' + args.sequence if args.sequence else '--pdb ' + args.pdb}"
+          f"{' --system ' + args.system if args.system else ''} --model {args.out}")
     if not args.no_figure:
         from .figures import save_refinement_history
 
-        figure = os.path.splitext(args.out)[0] + "_refinement.png"
         save_refinement_history(result, figure, title=f"{name}: refinement ({result.stopped}, seed {args.seed})")
         print(f"wrote {figure}: ESS and valid fraction of fresh proposals during the run")
     refined.close()

@@ -320,9 +320,10 @@ class SampleResult:
         if k > RESAMPLE_ESS_MARGIN * n_eff:
             warnings.warn(
                 f"resample({k}): the importance weights are worth only {n_eff:.1f} effective samples (Kish ESS "
-                f"{100.0 * self.ess:.2f} % x {self.n_proposals} proposals), so the {k} frames hold only "
-                f"{out.n_distinct} distinct configuration{'s' if out.n_distinct != 1 else ''}, most of them "
-                f"repeated. To get more independent configurations, {_REMEDIES}; or resample at most "
+                f"{100.0 * self.ess:.2f} % x {self.n_proposals} proposals), so the {k} frames hold "
+                f"{out.n_distinct} distinct configuration{'s' if out.n_distinct != 1 else ''} and {k - out.n_distinct} "
+                f"repeat{'s' if k - out.n_distinct != 1 else ''}, and averages over them are no better than over "
+                f"~{n_eff:.0f} samples. To get more independent configurations, {_REMEDIES}; or resample at most "
                 f"~{max(1, int(np.floor(n_eff)))} frame{'s' if n_eff >= 2 else ''}.", SampleSizeWarning, stacklevel=2)
         return out
 

@@ -23,15 +23,16 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import resolve_model
+from .checkpoint import DEFAULT_FAMILY, SHIPPED_MODELS, resolve_model
 from .flow import DEFAULT_MEMORY_BUDGET_MIB, DEFAULT_QUADRATURE_NODES
 from .sampler import METHODS, BoltzmannGeneratorSampler
 from .utils import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "sampling_options_from_args", "output_paths",
-           "draw_seed",
+__all__ = ["configure_parser", "run_from_cli", "add_ode_arguments", "add_peptide_arguments",
+           "sampling_options_from_args", "output_paths", "draw_seed", "peptide_from_args", "read_system_xml",
+           "check_outputs_writable", "MODEL_HELP",
            "DEFAULT_SAMPLES", "DEFAULT_BATCH_SIZE", "DEFAULT_BATCH_SIZE_ONE_PASS"]
 
 #: Default number of proposals: seconds with the default internal-coordinate model on one CPU core (1000 AA
@@ -46,15 +47,12 @@ DEFAULT_BATCH_SIZE_ONE_PASS = 256
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``openmm-tbg sample``."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--sequence", help="one-letter sequence of a zwitterionic peptide, e.g. AA (built with the "
-                                        "data set's force field: amber14-all + implicit/obc1)")
-    src.add_argument("--pdb", help="PDB file of the peptide (System from amber14-all + implicit/obc1)")
-    parser.add_argument("--model", default=None, help="checkpoint path (default: the shipped model)")
+    add_peptide_arguments(parser)
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                         help=f"number of flow proposals (default {DEFAULT_SAMPLES}): seconds with the default "
-                             "internal-coordinate model; with the CNF (--model egnn-cnf) one CPU core draws about "
-                             "0.02-0.07 samples per second, so use e.g. --samples 32 there")
+                             "internal-coordinate model; with the CNF (--model egnn-cnf) one CPU core drew 0.15 (AA) "
+                             "to 0.049 (NY) samples per second (2026-12-03), so use e.g. --samples 32 there")
     parser.add_argument("--method", choices=METHODS, default="importance",
                         help="importance weights (default), an independence Metropolis chain, or none")
     parser.add_argument("--temperature", type=float, default=310.0, help="kelvin (default 310)")
@@ -77,6 +75,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figure", action="store_true", help="do not write OUT_ramachandran.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ode_arguments(parser)
+
+
+#: ``--model`` help of the commands that load a model: the accepted names, not only "a path".
+MODEL_HELP = (f"a shipped model by name ({', '.join(SHIPPED_MODELS)}; default {DEFAULT_FAMILY}) or the path of a "
+              "checkpoint written by openmm-tbg train / refine")
+
+
+def add_peptide_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sequence`` or ``--pdb`` (optionally with ``--system``): the peptide of ``sample`` and ``refine``."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sequence", help="one-letter sequence of a zwitterionic peptide, e.g. AA (built with the "
+                                        "data set's force field: amber14-all + implicit/obc1)")
+    src.add_argument("--pdb", help="PDB file of the peptide: its Topology and structure (the System comes from "
+                                   "--system, or else from amber14-all + implicit/obc1)")
+    parser.add_argument("--system", default=None,
+                        help="serialized OpenMM System (XML, from openmm.XmlSerializer.serialize) of the --pdb "
+                             "structure, with its particles in the PDB's atom order: your own Hamiltonian")
 
 
 def add_ode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,10 +187,15 @@ def _resample(result, k: int, seed: int, paths: dict, printed: set) -> None:
 
 
 def peptide_from_args(args: argparse.Namespace):
-    """``(system, topology, positions, name)`` of ``--sequence`` (built) or ``--pdb`` (System from the data
-    set's Hamiltonian); shared by ``openmm-tbg sample`` and ``openmm-tbg refine``."""
+    """``(system, topology, positions, name)`` of ``--sequence`` (built), ``--pdb`` (System from the data set's
+    Hamiltonian) or ``--pdb`` with ``--system`` (the user's serialized System); shared by ``openmm-tbg sample``
+    and ``openmm-tbg refine``. The sampler then checks the System against the Topology as for any other."""
     from .peptides import build_peptide, create_system
 
+    system_path = getattr(args, "system", None)
+    if system_path is not None and not args.pdb:
+        raise ValueError("--system needs --pdb: the System holds no atom names or bonds, so pass the PDB file of "
+                         "the same structure (particles in the same order) as well, instead of --sequence.")
     if args.sequence:
         pep = build_peptide(args.sequence)
         return pep.system, pep.topology, pep.positions, args.sequence
@@ -184,7 +204,75 @@ def peptide_from_args(args: argparse.Namespace):
     if not os.path.exists(args.pdb):
         raise FileNotFoundError(f"--pdb {args.pdb} does not exist; pass the path of a PDB file of the peptide.")
     pdb = PDBFile(args.pdb)
-    return create_system(pdb.topology), pdb.topology, pdb.positions, os.path.basename(args.pdb)
+    if system_path is None:
+        return create_system(pdb.topology), pdb.topology, pdb.positions, os.path.basename(args.pdb)
+    return read_system_xml(system_path), pdb.topology, pdb.positions, os.path.basename(args.pdb)
+
+
+def read_system_xml(path: str):
+    """The `openmm.System` serialized in ``path`` (``--system``), or a ValueError that names what it is instead.
+
+    Parameters
+    ----------
+    path : str
+        XML file written by ``openmm.XmlSerializer.serialize(system)``.
+
+    Returns
+    -------
+    openmm.System
+    """
+    import openmm
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--system {path} does not exist; pass the XML file written by "
+                                "openmm.XmlSerializer.serialize(system).")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    try:
+        obj = openmm.XmlSerializer.deserialize(text)
+    except Exception as exc:  # noqa: BLE001 - OpenMM raises a bare Exception for XML it cannot parse
+        raise ValueError(f"--system {path} is not a serialized OpenMM object ({str(exc).strip() or 'unreadable'}); "
+                         "write the System with open(path, 'w').write(openmm.XmlSerializer.serialize(system)).") from exc
+    if not isinstance(obj, openmm.System):
+        raise ValueError(f"--system {path} holds a serialized {type(obj).__name__}, not a System; serialize the "
+                         "System itself (openmm.XmlSerializer.serialize(system)).")
+    return obj
+
+
+def check_outputs_writable(paths, option: str) -> None:
+    """Fail before any work if an output file cannot be written, naming ``option`` and what to do.
+
+    The directory is created if needed and a file is created in it and removed again (``os.access`` answers
+    "yes" for root on a read-only mount); an output that is an existing directory is refused.
+
+    Parameters
+    ----------
+    paths : iterable of str
+        The files the command will write.
+    option : str
+        The option that names them (e.g. ``"--output aa.npz"``), quoted in the message.
+    """
+    import tempfile
+
+    for directory in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        existing = directory
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{option}: {existing} is a file, not a directory; pass a path in a directory "
+                                     "you can write to.")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise PermissionError(f"{option}: cannot write into {directory} ({exc.strerror or exc}); pass a path in "
+                                  "a directory you can write to.") from exc
+    for p in paths:
+        if os.path.isdir(p):
+            raise IsADirectoryError(f"{option}: {p} is a directory; pass a file name (or remove the directory).")
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            raise PermissionError(f"{option}: {p} exists and is read-only; pass another path or make it writable.")
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -195,19 +283,17 @@ def run_from_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--resample must be 0 (off) or a positive number of frames, got {args.resample}.")
     if args.torch_threads < 1:
         raise ValueError(f"--torch-threads must be a positive integer, got {args.torch_threads}.")
-    # Create the output directory before sampling, not fail on it afterwards.
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    paths = output_paths(args.output)
+    # Fail on an unwritable output now, not after the run.
+    check_outputs_writable([p for k, p in paths.items() if args.resample or not k.startswith("resampled")],
+                           f"--output {args.output}")
     import torch
 
     torch.set_num_threads(args.torch_threads)
     seed: Optional[int] = args.seed
     if seed is None:
         seed = draw_seed()
-        print(f"seed: {seed} (drawn at random; --seed {seed} repeats this run)")
-    else:
-        print(f"seed: {seed}")
     system, topology, positions, name = peptide_from_args(args)
-    paths = output_paths(args.output)
     flow, _, _ = resolve_model(args.model, resolve_device(args.device))
     batch_size = args.batch_size
     if batch_size is None:
@@ -218,7 +304,11 @@ def run_from_cli(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         sampler = BoltzmannGeneratorSampler(system, topology, model=flow, temperature=args.temperature,
                                             device=args.device, batch_size=batch_size, seed=seed,
-                                            positions=positions, options=sampling_options_from_args(args))
+                                            positions=positions, threads=args.torch_threads,
+                                            options=sampling_options_from_args(args))
+        # Printed once the input has passed every check, so that an error is not preceded by "repeats this run".
+        print(f"seed: {seed} (drawn at random; --seed {seed} repeats this run)" if args.seed is None
+              else f"seed: {seed}", flush=True)
         try:
             result = sampler.sample(args.samples, method=args.method, progress=not args.no_progress)
         finally:

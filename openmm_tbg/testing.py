@@ -308,10 +308,12 @@ def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_func
     """
     import copy
 
-    from openmmtools import cache
-    from pymbar import timeseries
-
+    from .quiet import quiet_openmmtools
     from .utils import to_nm
+
+    with quiet_openmmtools():
+        from openmmtools import cache
+        from pymbar import timeseries
 
     pi = np.asarray(target_probabilities, dtype=np.float64)
     k = len(pi)

@@ -60,7 +60,7 @@ def test_round_trip_gives_the_same_model(tmp_path, dtype):
 
 
 def test_missing_files(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="neither a shipped model nor an existing checkpoint file"):
         load_model(tmp_path / "nothing.pt")
     monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_PATH", tmp_path / "tbg_dipeptides.pt")
     with pytest.raises(FileNotFoundError, match="No pretrained model ships"):

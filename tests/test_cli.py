@@ -174,3 +174,99 @@ def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys):
     for key in ("result", "valid_pdb", "valid_dcd", "weights", "figure", "resampled_pdb", "resampled_dcd"):
         assert f"wrote {paths[key]}" in captured.out or f"and {paths[key]}" in captured.out, key
     assert "effective samples" in captured.out and "distinct configuration" in captured.out
+
+
+# ------------------------------------------------------- issue 21, "what a new user still hits", items 7-10
+def test_unwritable_output_fails_before_the_run_and_before_the_seed_line(tmp_path, capsys):
+    """Item 7: the output is checked before the model is loaded; item 9: no "seed ... repeats this run" line."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "out_valid.pdb").mkdir()  # one of the outputs of --output out.npz is a directory
+    for output, expected in ((blocker / "x.npz", "is a file, not a directory"),
+                             (tmp_path / "out.npz", "out_valid.pdb is a directory")):
+        rc = cli.main(["sample", "--sequence", "AA", "--samples", "2", "--output", str(output), "--no-progress"])
+        captured = capsys.readouterr()
+        assert rc == 2
+        assert f"--output {output}" in captured.err and expected in captured.err, captured.err
+        assert "seed" not in captured.out
+    assert not (tmp_path / "out.npz").exists()  # nothing was sampled
+    rc = cli.main(["refine", "--sequence", "AA", "--out", str(blocker / "r.pt"), "--max-steps", "1"])
+    assert rc == 2 and "--out" in capsys.readouterr().err
+
+
+def test_seed_line_is_not_printed_before_an_input_error(capsys):
+    """Item 9: a bad sequence fails without first printing how to repeat the run."""
+    assert cli.main(["sample", "--sequence", "AX", "--samples", "2", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "not standard amino acids" in captured.err and "seed" not in captured.out
+
+
+def test_model_names_in_the_error_and_the_help(capsys):
+    """Item 8: ``--model egnn`` names the accepted shipped models (and the close one) instead of a missing file."""
+    from openmm_tbg.checkpoint import SHIPPED_MODELS
+
+    assert cli.main(["sample", "--sequence", "AA", "--model", "egnn", "--samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'egnn-cnf'?" in err and all(name in err for name in SHIPPED_MODELS), err
+    for command in ("sample", "refine"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        help_text = "".join(capsys.readouterr().out.split())  # argparse wraps the help at any hyphen or space
+        assert all(name in help_text for name in SHIPPED_MODELS), help_text
+
+
+@pytest.fixture(scope="module")
+def aa_files(tmp_path_factory):
+    """AA as a PDB plus two serialized Systems: the data set's and a vacuum one (amber14-all alone)."""
+    import openmm
+    from openmm.app import PDBFile
+
+    from openmm_tbg.peptides import build_peptide, create_system
+
+    d = tmp_path_factory.mktemp("own_system")
+    pep = build_peptide("AA")
+    with open(d / "aa.pdb", "w") as fh:
+        PDBFile.writeFile(pep.topology, pep.positions, fh)
+    vacuum = create_system(pep.topology, forcefield=["amber14-all.xml"])
+    (d / "vacuum.xml").write_text(openmm.XmlSerializer.serialize(vacuum))
+    (d / "gg.xml").write_text(openmm.XmlSerializer.serialize(build_peptide("GG").system))
+    (d / "state.xml").write_text(openmm.XmlSerializer.serialize(
+        openmm.Context(vacuum, openmm.VerletIntegrator(0.001)).getState(getPositions=True)))
+    return d, vacuum
+
+
+def test_sample_with_a_serialized_system_uses_that_system(aa_files, tmp_path, capsys):
+    """Item 10: ``--system vacuum.xml --pdb aa.pdb`` samples the vacuum Hamiltonian: every weight's u is that
+    System's energy / kT at the sample."""
+    import openmm
+    from openmm import unit
+
+    from openmm_tbg.results import SampleResult
+
+    d, vacuum = aa_files
+    out = tmp_path / "own.npz"
+    rc = cli.main(["sample", "--pdb", str(d / "aa.pdb"), "--system", str(d / "vacuum.xml"), "--samples", "6",
+                   "--seed", "3", "--output", str(out), "--no-progress", "--no-figure"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = SampleResult.load(str(out))
+    context = openmm.Context(vacuum, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    kT = (unit.MOLAR_GAS_CONSTANT_R * 310 * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+    for i in np.flatnonzero(result.valid):
+        context.setPositions(result.positions[i])
+        u = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kT
+        np.testing.assert_allclose(result.reduced_potentials[i], u, rtol=1e-5)
+
+
+def test_serialized_system_errors(aa_files, capsys):
+    """Item 10: the user's System goes through the same checks; a wrong file names the cause and the fix."""
+    d, _ = aa_files
+    cases = [(["--pdb", str(d / "aa.pdb"), "--system", str(d / "gg.xml")], "17 particles but the Topology has 23"),
+             (["--pdb", str(d / "aa.pdb"), "--system", str(d / "state.xml")], "holds a serialized State"),
+             (["--pdb", str(d / "aa.pdb"), "--system", str(d / "aa.pdb")], "is not a serialized OpenMM object"),
+             (["--pdb", str(d / "aa.pdb"), "--system", str(d / "missing.xml")], "does not exist"),
+             (["--sequence", "AA", "--system", str(d / "vacuum.xml")], "--system needs --pdb")]
+    for extra, expected in cases:
+        assert cli.main(["sample", *extra, "--samples", "2", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("openmm-tbg: error: ") and expected in err[0], err

@@ -289,7 +289,8 @@ def test_figures_mark_panels_with_too_few_samples_and_label_colour_bars_distinct
     # Only the MD panel is a 2-D histogram; the BG panels show their 6 samples as points.
     meshes = [sum(isinstance(c, QuadMesh) for c in ax.collections) for ax in few.axes[:3]]
     assert meshes == [1, 0, 0]
-    assert [len(ax.collections) for ax in few.axes[1:3]] == [1, 1]
+    # raw: one set of points; reweighted: the light samples and, on top, the heavy one (issue 21 item 3)
+    assert [len(ax.collections) for ax in few.axes[1:3]] == [1, 2]
     assert any(t.startswith("BG:\n6 valid samples, ESS 1.0: too few for a density") for t in _notes(few_energy))
     legend = [t.get_text() for t in few_energy.axes[0].get_legend().get_texts()]
     assert not any(label.startswith("BG raw") or label.startswith("BG reweighted") for label in legend)
@@ -465,3 +466,18 @@ def test_portable_paths_name_no_machine_location(tmp_path, monkeypatch):
     command = portable_command(["/usr/bin/openmm-tbg", "evaluate", "--model", "/x/y/m.pt", "--out=/x/out dir",
                                 "--samples", "20"])
     assert command == "openmm-tbg evaluate --model m.pt '--out=out dir' --samples 20"
+
+
+def test_md_and_bg_ramachandran_panels_share_one_colour_scale(tmp_path, monkeypatch):
+    """Issue 21 item 3: MD, raw and reweighted histograms use one colour range, and each bar says what it counts."""
+    from matplotlib.collections import QuadMesh
+
+    saved = _capture_saved_figures(monkeypatch)
+    rng = np.random.default_rng(3)
+    ev.plot_ramachandran(rng.uniform(-np.pi, np.pi, (500, 2)), rng.uniform(-np.pi, np.pi, (400, 2)),
+                         rng.random(400), tmp_path / "many.png")
+    (fig,) = saved
+    meshes = [c for ax in fig.axes[:3] for c in ax.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) == 3 and len({(m.norm.vmin, m.norm.vmax) for m in meshes}) == 1
+    labels = [ax.get_ylabel() for ax in fig.axes[3:]]
+    assert [label.split(" per ")[0] for label in labels] == ["fraction of samples"] * 2 + ["fraction of weight"]

@@ -91,3 +91,35 @@ def test_no_valid_samples_and_result_wrapper(aa, tmp_path):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="log_weights has 3 entries"):
         ramachandran_figure(x[:4], topology, np.zeros(3))
+
+
+# ---------------------------------------------------------------------------- issue 21 item 3 (NY panel)
+def test_a_dominant_sample_is_drawn_on_top_and_labelled(aa):
+    """The sample that holds most of the weight is the last point drawn (on top of the light ones), larger
+    than every other, and labelled with its share; it sits in the middle of the input, as in NY's case."""
+    from matplotlib.collections import PathCollection
+
+    topology, x = aa
+    lw = np.full(60, -10.0)
+    lw[30] = 0.0  # holds 1 / (1 + 59 e^-10) ~ 99.7 % of the weight
+    fig = ramachandran_figure(x, topology, lw)
+    reweighted = fig.axes[1]
+    scatters = [c for c in reweighted.collections if isinstance(c, PathCollection)]
+    top = max(scatters, key=lambda c: c.get_zorder())
+    pairs, _ = backbone_torsion_pairs(x, topology)
+    np.testing.assert_allclose(top.get_offsets()[-1], pairs[30, 0])
+    assert top.get_sizes()[-1] == max(max(c.get_sizes()) for c in scatters)
+    assert "100 %" in [t.get_text() for t in reweighted.texts]
+
+
+def test_colour_bars_say_what_they_count_and_share_one_scale(aa):
+    topology, x = aa
+    lw = np.random.default_rng(1).normal(0.0, 0.5, len(x))
+    fig = ramachandran_figure(x, topology, lw, min_samples=20)
+    raw, reweighted = fig.axes[0], fig.axes[1]
+    colorbars = [ax for ax in fig.axes if ax not in (raw, reweighted)]
+    labels = [cax.get_ylabel() for cax in colorbars]
+    assert labels[0].startswith("fraction of samples") and labels[1].startswith("fraction of weight"), labels
+    assert all("one scale for the figure" in label for label in labels)
+    (m_raw,), (m_rew,) = _meshes(raw), _meshes(reweighted)
+    assert (m_raw.norm.vmin, m_raw.norm.vmax) == (m_rew.norm.vmin, m_rew.norm.vmax)

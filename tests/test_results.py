@@ -145,3 +145,14 @@ def test_distinct_and_hamiltonian_gap_survive_save_and_load(tmp_path):
     assert loaded.n_distinct == 1 and loaded.effective_samples == pytest.approx(1.0)
     assert loaded.hamiltonian_gap == 7.5
     assert {c for c, _ in loaded.problems()} == {FewEffectiveSamplesWarning, HamiltonianMismatchWarning}
+
+
+def test_resample_warning_counts_distinct_frames_and_repeats_truly():
+    """Issue 21 item 4: the warning said "most of them repeated" when 272 of 500 frames were distinct; it now
+    states the two counts, and they are the resampled frames' own."""
+    result = make_result(np.zeros(300))  # ESS = 300 samples; 700 frames are more than twice that
+    with pytest.warns(SampleSizeWarning) as record:
+        frames = result.resample(700, seed=2)
+    message = str(next(w.message for w in record if type(w.message) is SampleSizeWarning))
+    assert f"{frames.n_distinct} distinct configurations and {700 - frames.n_distinct} repeats" in message
+    assert "most of them" not in message

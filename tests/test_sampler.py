@@ -326,3 +326,44 @@ def test_unsupported_peptides_are_refused_when_the_sampler_is_built():
         BoltzmannGeneratorSampler(pep.system, pep.topology)
     with pytest.raises(UnsupportedTopologyError, match="openmm-tbg train"):
         TBGMove(None, pep.topology)
+
+
+# ------------------------------------------------------------------ issue 21 item 2: torch threads by default
+def test_sampler_runs_torch_on_its_threads_and_restores_them():
+    """The flow runs on ``threads`` (default 1) torch threads inside sample/log_prob; the caller's setting is
+    restored afterwards, and None leaves it alone."""
+    import torch
+
+    from openmm_tbg import BoltzmannGeneratorSampler, build_peptide
+    from openmm_tbg.checkpoint import load_model
+
+    pep = build_peptide("AA")
+    flow = load_model()
+    seen = []
+    original_sample, original_log_prob = flow.sample, flow.log_prob
+
+    def recording_sample(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original_sample(*args, **kwargs)
+
+    def recording_log_prob(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original_log_prob(*args, **kwargs)
+
+    flow.sample, flow.log_prob = recording_sample, recording_log_prob
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        sampler = BoltzmannGeneratorSampler(pep.system, pep.topology, model=flow, seed=0, positions=pep.positions)
+        assert sampler.threads == 1
+        result = sampler.sample(4, progress=False)
+        sampler.log_prob(result.positions[:1])
+        assert seen == [1, 1] and torch.get_num_threads() == 3
+        seen.clear()
+        keep = BoltzmannGeneratorSampler(pep.system, pep.topology, model=flow, seed=0, threads=None)
+        keep.sample(2, progress=False)
+        assert seen == [3] and keep.with_model(flow).threads is None
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            BoltzmannGeneratorSampler(pep.system, pep.topology, model=flow, threads=0)
+    finally:
+        torch.set_num_threads(before)

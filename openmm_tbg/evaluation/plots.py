@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..figures import MIN_SAMPLES, _histogram_panel, _note_panel
+from ..figures import MIN_SAMPLES, _histogram, _histogram_panel, _note_panel, colour_range
 from ..weights import kish_ess
 from .metrics import _as_1d
 
@@ -79,10 +79,11 @@ def _few_note(n: int, n_eff: Optional[float], weights: Optional[np.ndarray], min
 
 
 def _ramachandran_panel(fig, ax, points_deg: np.ndarray, weights: Optional[np.ndarray], note: Optional[str],
-                        bins: int) -> None:
-    """One panel: a log-colour 2-D histogram, or (with a ``note``) the samples as points and the note."""
+                        bins: int, vrange=None, shared: bool = False) -> None:
+    """One panel: a log-colour 2-D histogram (on the colour range ``vrange`` when given), or (with a ``note``)
+    the samples as points and the note."""
     if note is None:
-        _histogram_panel(fig, ax, points_deg, weights, bins)
+        _histogram_panel(fig, ax, points_deg, weights, bins, vrange=vrange, shared=shared)
     else:
         shown = weights if weights is not None and len(weights) and weights.max() > 0 else None
         _note_panel(ax, points_deg, shown, note)
@@ -113,8 +114,11 @@ def _ramachandran_figure(md, bg_raw, bg_weights, bins: int, title: Optional[str]
                _few_note(n_bg, None, None, min_samples)),
               (f"BG reweighted: importance weights\n{n_bg} valid samples, ESS {n_eff:.1f}", bg, w,
                _few_note(n_bg, n_eff, w, min_samples))]
+    # MD, raw and reweighted histograms on one colour scale, so that their colours compare (issue 21 item 3)
+    histograms = [_histogram(np.degrees(data), weights, bins)[1] for _, data, weights, note in panels if note is None]
+    vrange = colour_range(histograms) if histograms else None
     for ax, (heading, data, weights, note) in zip(axes, panels):
-        _ramachandran_panel(fig, ax, np.degrees(data), weights, note, bins)
+        _ramachandran_panel(fig, ax, np.degrees(data), weights, note, bins, vrange, len(histograms) > 1)
         ax.set_title(heading, fontsize=10)
     axes[0].set_ylabel("psi (degrees)")
     if title:

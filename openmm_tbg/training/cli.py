@@ -47,9 +47,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="model file to write (the resume file is <out>.resume.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if it exists")
     parser.add_argument("--init-from", default=None, metavar="MODEL",
-                        help="start from this model's weights ('default' = the shipped model): train it further, or "
-                             "fine-tune it on your own peptides; its architecture and length scale are kept, the "
-                             "optimiser starts fresh")
+                        help="start from this model's weights ('default' = the shipped model) and train it further; "
+                             "its architecture and length scale are kept, the optimiser starts fresh. Nothing checks "
+                             "held-out samples, and a little MD of one peptide can make the model worse: for one "
+                             "peptide use `openmm-tbg refine` (no MD, keeps its best state)")
     parser.add_argument("--stride", type=int, default=1, help="use every K-th frame (default: 1)")
     parser.add_argument("--max-frames", type=int, default=None, help="at most M frames per peptide")
     parser.add_argument("--until-step", type=int, default=None,
