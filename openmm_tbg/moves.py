@@ -34,7 +34,7 @@ from .checks import check_system, check_system_structure
 from .model import resolve_sampling_options
 from .sampler import BoltzmannGeneratorSampler, symmetry_options
 from .serialization import encoding_from_dict, encoding_to_dict
-from .utils import resolve_device, spawn_generators, to_nm
+from .utils import DEFAULT_TORCH_THREADS, check_threads, resolve_device, spawn_generators, to_nm, torch_threads
 from .validity import ValidityChecker
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ class TBGMove(mcmc.MCMCMove):
         defaults; refused with a sampler, whose options are used).
     check_bonds, check_chirality, bond_factor
         Validity options (ignored when a sampler is given).
+    threads : int or None
+        torch CPU threads while the move draws or evaluates flow samples, restored afterwards (default 1, as
+        `BoltzmannGeneratorSampler`; None keeps torch's setting). A move built from a sampler uses the sampler's.
     **deprecated_ode_options
         The CNF's ODE keyword arguments of earlier versions (``ode_method``, ``atol``, ...): deprecated, use
         ``options=ODEOptions(...)``.
@@ -139,7 +142,7 @@ class TBGMove(mcmc.MCMCMove):
     def __init__(self, sampler_or_model=None, topology=None, encoding=None, *, n_attempts: int = 1,
                  buffer_size: int = 64, seed: Optional[int] = None, device="auto", options=None,
                  check_bonds: bool = True, check_chirality: bool = True, bond_factor: float = 1.3,
-                 **deprecated_ode_options):
+                 threads: Optional[int] = DEFAULT_TORCH_THREADS, **deprecated_ode_options):
         super().__init__()
         from .encoding import encode_topology
 
@@ -174,6 +177,9 @@ class TBGMove(mcmc.MCMCMove):
         seed_seq = np.random.SeedSequence(seed)
         self._init(flow, path, sha, encoding, bonds, ode, validity, int(n_attempts), int(buffer_size), seed_seq,
                    {k: 0 for k in _STATISTICS})
+        # A sampler's own thread count wins, as its other options do.
+        self.threads = (getattr(sampler_or_model, "threads", DEFAULT_TORCH_THREADS)
+                        if isinstance(sampler_or_model, BoltzmannGeneratorSampler) else check_threads(threads))
 
     def _init(self, flow, path, sha, encoding, bonds, ode, validity, n_attempts, buffer_size, seed_seq,
               statistics):
@@ -227,8 +233,9 @@ class TBGMove(mcmc.MCMCMove):
 
     # ---------------------------------------------------------------------------------------- proposals
     def _refill(self) -> None:
-        x, log_q = self.flow.sample(self.context, self.buffer_size, generator=self._torch_generator,
-                                    batch_size=self.buffer_size, progress=False, **self.flow_options)
+        with torch_threads(self.threads):
+            x, log_q = self.flow.sample(self.context, self.buffer_size, generator=self._torch_generator,
+                                        batch_size=self.buffer_size, progress=False, **self.flow_options)
         x = x.detach().double().cpu().numpy()
         log_q = log_q.detach().double().cpu().numpy()
         report = self.checker(x, rng=self._rng)
@@ -243,7 +250,8 @@ class TBGMove(mcmc.MCMCMove):
     def _log_q(self, x: np.ndarray) -> float:
         if self._cache is not None and np.array_equal(self._cache[0], x):
             return self._cache[1]
-        lq = float(self.flow.log_prob(x[None], self.context, batch_size=1, **self.flow_options)[0])
+        with torch_threads(self.threads):
+            lq = float(self.flow.log_prob(x[None], self.context, batch_size=1, **self.flow_options)[0])
         self._statistics["n_log_prob_evaluations"] += 1
         self._cache = (x.copy(), lq)
         return lq
@@ -359,6 +367,7 @@ class TBGMove(mcmc.MCMCMove):
         new._init(self.flow, self.model_path, self.model_sha256, self.encoding, copy.deepcopy(self.bonds),
                   copy.deepcopy(self.flow_options), copy.deepcopy(self.validity_options), self.n_attempts,
                   self.buffer_size, child, self._statistics)
+        new.threads = self.threads
         return new
 
     def __getstate__(self) -> dict:
@@ -390,6 +399,7 @@ class TBGMove(mcmc.MCMCMove):
             "seed": str(entropy),  # a str: the entropy exceeds 64 bits
             "spawn_key": [],
             "statistics": self.statistics,
+            "threads": self.threads,
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -414,6 +424,7 @@ class TBGMove(mcmc.MCMCMove):
         self._init(flow, path, sha, encoding_from_dict(state["encoding"]), state["bonds"],
                    dict(state["ode_options"]), dict(state["validity_options"]), int(state["n_attempts"]),
                    int(state["buffer_size"]), seed_seq, stats)
+        self.threads = state.get("threads", DEFAULT_TORCH_THREADS)  # states stored before threads existed: 1
 
     @staticmethod
     def _restore_device(stored: str) -> str:

@@ -384,3 +384,37 @@ def test_a_state_outside_the_support_is_counted_and_warned_once(fixture_dir):
     before = move.statistics["n_outside_support"]
     move.apply(thermo, states.SamplerState(frames[1] * unit.nanometer))
     assert move.statistics["n_outside_support"] == before
+
+
+def test_tbg_move_runs_torch_on_its_threads_and_keeps_them_across_copies(toy):
+    """TBGMove draws and evaluates flow samples on ``threads`` torch threads (default 1, as the sampler), restores
+    the caller's count, and keeps the setting through deepcopy and store/restore; from a sampler it takes the
+    sampler's."""
+    system, topology, encoding, flow = toy
+    seen = []
+    original = flow.sample
+
+    def recording_sample(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    flow.sample = recording_sample
+    try:
+        torch.set_num_threads(3)
+        move = TBGMove(flow, topology, encoding, seed=0, check_bonds=False, buffer_size=4)
+        assert move.threads == 1
+        thermo = states.ThermodynamicState(system, T * unit.kelvin)
+        sampler_state = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
+        move.apply(thermo, sampler_state)
+        assert seen == [1] and torch.get_num_threads() == 3
+        assert copy.deepcopy(move).threads == 1
+        assert TBGMove(flow, topology, encoding, check_bonds=False, threads=None).threads is None
+        with pytest.raises(ValueError, match="threads"):
+            TBGMove(flow, topology, encoding, check_bonds=False, threads=0)
+        bg = BoltzmannGeneratorSampler(system, topology, flow, temperature=T, encoding=encoding, check_bonds=False,
+                                       platform="Reference", threads=2)
+        assert TBGMove(bg).threads == 2
+    finally:
+        del flow.sample  # back to the class's method
+        torch.set_num_threads(before)
