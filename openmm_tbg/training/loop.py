@@ -160,10 +160,16 @@ def _start(trajectories: Sequence[Any], out: str | os.PathLike, config: Training
     if state is not None:
         _load_state(run, state)
     if config.family == "internal-coordinate" and config.objective != "ml":
-        if dist_info.world_size > 1:
+        # Under DDP the KL term's proposals go through the unwrapped flow, but its gradients still reach the
+        # same parameters in the same backward pass as the likelihood's (which goes through the wrapper), and
+        # DDP's reducer averages a parameter's gradient once it is complete, both terms included
+        # (tests/test_training.py::test_ddp_energy_objective_averages_the_kl_gradients). A KL-only step has no
+        # pass through the wrapper, so nothing would be averaged: refused.
+        if dist_info.world_size > 1 and config.objective == "kl":
             raise ValueError(
-                f"objective {config.objective!r} is not supported under DDP yet (its proposals do not go through "
-                "the DDP wrapper, so their gradients would not be averaged); run it in one process.")
+                "objective 'kl' is not supported under DDP (its proposals bypass the DDP wrapper, so without the "
+                "likelihood term no gradient would be averaged over ranks); use --objective ml+kl, or run 'kl' "
+                "in one process.")
         run.teacher = EnergyTeacher(trajectories)
     return run
 
