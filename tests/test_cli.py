@@ -144,13 +144,18 @@ def test_real_errors_from_the_sample_command(tmp_path):
 
 
 # ------------------------------------------------------------------------------- `openmm-tbg sample` (item 6)
-def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys):
-    """The default shipped model, 4 AA proposals (seconds on the 2-core CPU)."""
+def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys, monkeypatch):
+    """The default shipped model, 4 AA proposals (seconds on the 2-core CPU). Without --seed the command draws
+    one; the draw is fixed here (so that every run tests the same samples) and the property tested is the one
+    that holds for any drawn seed: printed and recorded, it repeats the run exactly when passed back."""
     import mdtraj
 
+    from openmm_tbg import sample_command
     from openmm_tbg.results import SampleResult
     from openmm_tbg.sample_command import output_paths
 
+    assert sample_command.draw_seed() != sample_command.draw_seed()  # OS entropy (equal with probability 2^-32)
+    monkeypatch.setattr(sample_command, "draw_seed", lambda: 2718281)
     out = tmp_path / "aa.npz"
     rc = cli.main(["sample", "--sequence", "AA", "--samples", "4", "--output", str(out), "--resample", "4",
                    "--no-progress"])
@@ -160,8 +165,18 @@ def test_sample_writes_trajectory_weights_figure_and_seed(tmp_path, capsys):
     assert rc == 0, captured.err
     assert result.n_valid >= 1
     seed = int(captured.out.split("seed: ")[1].split()[0])  # drawn, printed ...
+    assert seed == 2718281 and f"--seed {seed} repeats this run" in captured.out
+    again = tmp_path / "again.npz"
+    assert cli.main(["sample", "--sequence", "AA", "--samples", "4", "--output", str(again), "--resample", "4",
+                     "--no-progress", "--seed", str(seed)]) == 0
+    capsys.readouterr()
+    repeated = SampleResult.load(output_paths(str(again))["result"])
+    for name in ("positions", "log_q", "log_weights", "reduced_potentials", "valid"):  # ... repeats the run ...
+        np.testing.assert_array_equal(getattr(repeated, name), getattr(result, name), err_msg=name)
+    with np.load(output_paths(str(again))["weights"]) as z_again, np.load(paths["weights"]) as z:
+        np.testing.assert_array_equal(z_again["weights"], z["weights"])
     with np.load(paths["weights"]) as z:
-        assert int(z["seed"]) == seed  # ... and recorded
+        assert int(z["seed"]) == seed  # ... and is recorded
         np.testing.assert_allclose(z["weights"].sum(), 1.0)
         np.testing.assert_array_equal(z["proposal_index"], np.flatnonzero(result.valid))
     traj = mdtraj.load(paths["valid_dcd"], top=paths["valid_pdb"])

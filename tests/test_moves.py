@@ -16,7 +16,7 @@ from scipy.stats import chi2
 from openmm_tbg.flow import ODEOptions, TransferableFlow
 from openmm_tbg.moves import TBGMove
 from openmm_tbg.sampler import BoltzmannGeneratorSampler
-from openmm_tbg.testing import TOY_SIGMA_NM, TOY_TEMPERATURE_K, assert_detailed_balance
+from openmm_tbg.testing import TOY_FLOW_STD_NM, TOY_SIGMA_NM, TOY_TEMPERATURE_K, assert_detailed_balance
 
 # The toy of the `toy` fixture (tests/conftest.py): target bond-vector std (nm), kelvin.
 SIGMA, T = TOY_SIGMA_NM, TOY_TEMPERATURE_K
@@ -51,9 +51,29 @@ def test_tbg_move_satisfies_detailed_balance(toy):
     move = make_move(toy, seed=1)
     thermo = states.ThermodynamicState(system, T * unit.kelvin)
     start = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
-    result = assert_detailed_balance(move, thermo, start, bin_of, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
+    state_function, accepted = _recording_accepts(move, bin_of)
+    result = assert_detailed_balance(move, thermo, start, state_function, np.full(N_BINS, 1.0 / N_BINS),
+                                     n_steps=2000)
     stats = move.statistics
-    assert stats["n_proposed"] == 2000 and 0.1 < move.acceptance_rate < 0.9
+    assert stats["n_proposed"] == 2000
+    # The acceptance rate against its exact value from independent draws of target and flow (closed-form q:
+    # an isotropic Gaussian of std TOY_FLOW_STD_NM on the centre-free subspace; constants cancel in the ratio).
+    accepted = np.asarray(accepted, dtype=float)
+    rate_se = np.sqrt(accepted.var() * timeseries.statistical_inefficiency(accepted) / len(accepted))
+    rng, m = np.random.default_rng(8), 200000
+    target = np.stack([exact_sample(rng) for _ in range(m)])
+    proposal = rng.normal(scale=TOY_FLOW_STD_NM, size=(m, 3, 3))
+    proposal -= proposal.mean(axis=1, keepdims=True)
+
+    def log_w(x):
+        c = x - x.mean(axis=1, keepdims=True)
+        return -np.sum((x[:, :-1] - x[:, 1:]) ** 2, axis=(1, 2)) / (2 * SIGMA ** 2) + np.sum(
+            c ** 2, axis=(1, 2)) / (2 * TOY_FLOW_STD_NM ** 2)
+
+    a = np.exp(np.minimum(0.0, log_w(proposal) - log_w(target)))
+    expected, expected_se = a.mean(), a.std() / np.sqrt(m)
+    assert abs(move.acceptance_rate - expected) < 5 * np.hypot(rate_se, expected_se), (move.acceptance_rate,
+                                                                                      expected, rate_se)
     assert stats["n_log_prob_evaluations"] == 1  # afterwards log q of the state is always known
     assert result["counts"].sum() == 2000
 
@@ -205,6 +225,51 @@ def test_tbg_move_from_a_sampler_keeps_its_reference_chirality(saved_egnn_toy):
     np.testing.assert_array_equal(restored.checker.expected_signs, [1.0, -1.0])
 
 
+def _recording_accepts(move, state_function):
+    """Wrap ``state_function`` so that every call after the first (one per `assert_detailed_balance` step, with
+    n_attempts = 1) appends whether that step's proposal was accepted, from the move's own counter.
+
+    Returns
+    -------
+    (callable, list of bool)
+    """
+    accepted, last = [], [None]
+
+    def recording(x):
+        n = move.statistics["n_accepted"]
+        if last[0] is not None:
+            accepted.append(n > last[0])
+        last[0] = n
+        return state_function(x)
+
+    return recording, accepted
+
+
+def _expected_acceptance(flow, ctx, rng, generator, m=20000):
+    """Independence-MH acceptance E min(1, w(x') / w(x)), x ~ target (exact draws), x' ~ flow, w = exp(-u) / q.
+
+    A proposal outside the flow's support (non-finite log q) is never accepted, as in `TBGMove`.
+
+    Returns
+    -------
+    (float, float)
+        The estimate and its standard error from the ``m`` independent pairs.
+    """
+    target = torch.as_tensor(np.stack([exact_sample(rng) for _ in range(m)]))
+    proposal, log_q_new = flow.sample(ctx, m, generator=generator)
+    log_q_old = flow.log_prob(target, ctx).double().numpy()
+    log_q_new = log_q_new.double().numpy()
+
+    def u(x):  # reduced potential of the zero-rest-length chain
+        return np.sum((x[:, :-1] - x[:, 1:]) ** 2, axis=(1, 2)) / (2 * SIGMA ** 2)
+
+    finite = np.isfinite(log_q_new) & np.isfinite(log_q_old)
+    log_ratio = np.where(finite, -u(proposal.double().numpy()) - np.nan_to_num(log_q_new)
+                         + u(target.numpy()) + np.nan_to_num(log_q_old), -np.inf)
+    a = np.exp(np.minimum(0.0, log_ratio))
+    return float(a.mean()), float(a.std() / np.sqrt(m))
+
+
 def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(toy):
     """The same exact test with the other model family (one-pass log q, no mirroring/relabelling): the move
     goes through the flow interface only."""
@@ -228,8 +293,19 @@ def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(t
     assert move.flow_options == {} and not move.checker.mirror and not move.checker.relabel
     thermo = states.ThermodynamicState(system, T * unit.kelvin)
     start = states.SamplerState(exact_sample(np.random.default_rng(0)) * unit.nanometer)
-    assert_detailed_balance(move, thermo, start, bin_of, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
-    assert move.statistics["n_proposed"] == 2000 and 0.1 < move.acceptance_rate < 1.0
+    state_function, accepted = _recording_accepts(move, bin_of)
+    assert_detailed_balance(move, thermo, start, state_function, np.full(N_BINS, 1.0 / N_BINS), n_steps=2000)
+    assert move.statistics["n_proposed"] == 2000
+    # The acceptance rate against E min(1, w(x') / w(x)) from independent exact draws of the target and the flow
+    # (the chain starts in equilibrium, so every step has that expectation); the chain's accept indicators are
+    # correlated: their statistical inefficiency. A ratio off by 0.5 nats moves the rate by ~20 sigma.
+    accepted = np.asarray(accepted, dtype=float)
+    rate_se = np.sqrt(accepted.var() * timeseries.statistical_inefficiency(accepted) / len(accepted))
+    expected, expected_se = _expected_acceptance(flow, flow.condition(encoding, bonds), np.random.default_rng(8),
+                                                 torch.Generator().manual_seed(9))
+    assert move.acceptance_rate == pytest.approx(accepted.mean(), abs=1e-12)
+    assert abs(move.acceptance_rate - expected) < 5 * np.hypot(rate_se, expected_se), (move.acceptance_rate,
+                                                                                      expected, rate_se)
 
 
 def test_nan_state_is_refused_before_openmm_sees_it(toy):
