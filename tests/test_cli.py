@@ -285,3 +285,21 @@ def test_serialized_system_errors(aa_files, capsys):
         assert cli.main(["sample", *extra, "--samples", "2", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("openmm-tbg: error: ") and expected in err[0], err
+
+
+def test_sample_loads_the_model_file_once(tmp_path, monkeypatch):
+    """`openmm-tbg sample` resolves the model once (it chooses the batch size from the loaded flow and hands
+    the same object to the sampler): one read of the checkpoint per run."""
+    from openmm_tbg import checkpoint
+
+    calls = []
+    real_load = checkpoint.load_model
+
+    def counting_load(*args, **kwargs):
+        calls.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_model", counting_load)
+    rc = cli.main(["sample", "--sequence", "AA", "--samples", "2", "--seed", "0", "--output",
+                   str(tmp_path / "once.npz"), "--no-progress", "--no-figure"])
+    assert rc == 0 and len(calls) == 1, calls
