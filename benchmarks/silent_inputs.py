@@ -29,25 +29,9 @@ from openmm import app, unit
 
 from openmm_tbg import BoltzmannGeneratorSampler, build_peptide
 from openmm_tbg.peptides import create_system
+from openmm_tbg.testing import reordered
 
 import _harness
-
-
-def reordered(topology, positions_nm):
-    """The same molecule with its atoms listed in reverse order within each residue: (topology, positions, order)
-    where ``order[i]`` is the original index of new atom ``i``."""
-    new = app.Topology()
-    atoms, order = {}, []
-    for chain in topology.chains():
-        c = new.addChain(chain.id)
-        for residue in chain.residues():
-            r = new.addResidue(residue.name, c, residue.id)
-            for atom in list(residue.atoms())[::-1]:
-                atoms[atom.index] = new.addAtom(atom.name, atom.element, r, atom.id)
-                order.append(atom.index)
-    for a, b in topology.bonds():
-        new.addBond(atoms[a.index], atoms[b.index])
-    return new, np.asarray(positions_nm)[order], np.asarray(order)
 
 
 def cases(pep):

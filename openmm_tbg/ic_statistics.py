@@ -130,6 +130,17 @@ class WhiteningTable:
                 stats = [len(v), float(v.sum()), float((v * v).sum())]
             self._accumulate(key, stats)
 
+    def add_frames(self, zmatrix, positions_nm) -> None:
+        """Add the bond lengths, angles and dihedrals of frames ``positions_nm`` (n, N, 3) nm of the molecule of
+        ``zmatrix`` (an `openmm_tbg.zmatrix.ZMatrix`), under its keys: what training does with MD frames."""
+        import torch
+
+        from .internal_coordinates import to_internal
+
+        ic = torch.stack(to_internal(torch.as_tensor(positions_nm, dtype=torch.float64), zmatrix), -1).numpy()
+        for c in range(3):
+            self.add([keys[c] for keys in zmatrix.keys], ic[..., c])
+
     def _accumulate(self, key: str, stats: list[float]) -> None:
         """Add ``[count, sum, sum of squares]`` (or circular sums) to ``key`` and to its generic key."""
         for k in (key, generic_key(key)):

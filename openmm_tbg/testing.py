@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["random_orthogonal", "interchangeable_permutation", "assert_equivariant", "assert_detailed_balance",
            "LinearVectorField", "harmonic_chain", "toy_chain", "TOY_SIGMA_NM", "TOY_FLOW_STD_NM",
-           "TOY_TEMPERATURE_K", "randomise_spline_heads"]
+           "TOY_TEMPERATURE_K", "randomise_spline_heads", "reordered"]
 
 #: The exactly solvable toy of the sampler and move tests: bond-vector standard deviation of the target (nm),
 #: standard deviation of the flow (nm; wider than the target, so importance weights are bounded), temperature.
@@ -375,3 +375,24 @@ def assert_detailed_balance(move, thermodynamic_state, sampler_state, state_func
         raise AssertionError(f"{type(move).__name__} over {n_steps} steps (statistical inefficiency "
                              f"{np.round(g, 2).tolist()}): " + "; ".join(problems) + ".")
     return result
+
+
+def reordered(topology, positions_nm):
+    """The same molecule with its atoms listed in reverse order within each residue (as when hydrogens come after
+    the heavy atoms in a PDB file): ``(topology, positions in the new order, order)``, where ``order[i]`` is the
+    original index of new atom ``i``. For tests and benchmarks of Systems whose particle order differs from a
+    Topology's."""
+    from openmm import app
+
+    new = app.Topology()
+    atoms, order = {}, []
+    for chain in topology.chains():
+        c = new.addChain(chain.id)
+        for residue in chain.residues():
+            r = new.addResidue(residue.name, c, residue.id)
+            for atom in list(residue.atoms())[::-1]:
+                atoms[atom.index] = new.addAtom(atom.name, atom.element, r, atom.id)
+                order.append(atom.index)
+    for a, b in topology.bonds():
+        new.addBond(atoms[a.index], atoms[b.index])
+    return new, np.asarray(positions_nm)[order], np.asarray(order)

@@ -32,10 +32,8 @@ def _seeded_initialisation():
 
 def _statistics(encoding, bonds, frames):
     zm = build_zmatrix(encoding, bonds)
-    ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
     table = WhiteningTable()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, frames)
     return table.to_dict()
 
 
@@ -308,9 +306,7 @@ def test_closure_distances_give_a_normalised_density_on_their_branch():
     # Whitening from the target's draws (as training statistics come from MD): with the wide proposals of the
     # tree test, the closure distance is often unreachable and the weights too heavy-tailed for a 5-sigma test.
     table = WhiteningTable()
-    ic = torch.stack(to_internal(target[on_branch], zm), -1).numpy()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, target[on_branch])
     flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,
                                              n_bins=4, n_atom_classes=n, ring_closure="distance").double(),
                       scale=0.02)
@@ -346,10 +342,8 @@ def test_closure_distance_flow_on_ring_peptides(fixture_dir, name):
     bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
     frames = np.load(fixture_dir / f"{name}.npz")["positions"].astype(np.float64) * 1e-4
     zm = build_zmatrix(encoding, bonds, ring_closure="distance")
-    ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
     table = WhiteningTable()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, frames)
     closure_key = zm.keys[int(zm.closure_positions[0])][1]
     assert closure_key.startswith("r|") and 0.13 < table.lookup(closure_key)[0] < 0.16  # a C-C or C-N bond, nm
     flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,

@@ -275,7 +275,6 @@ def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(t
     goes through the flow interface only."""
     from openmm_tbg.ic_statistics import WhiteningTable
     from openmm_tbg.icflow import InternalCoordinateFlow
-    from openmm_tbg.internal_coordinates import to_internal
     from openmm_tbg.zmatrix import build_zmatrix
 
     system, topology, encoding, _ = toy
@@ -283,10 +282,8 @@ def test_tbg_move_with_the_internal_coordinate_flow_satisfies_detailed_balance(t
     zm = build_zmatrix(encoding, bonds)
     rng = np.random.default_rng(5)
     frames = torch.as_tensor(np.stack([exact_sample(rng) for _ in range(2000)]))
-    ic = torch.stack(to_internal(frames, zm), -1).numpy()
     table = WhiteningTable()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, frames)
     flow = InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1, n_bins=4,
                                   n_atom_classes=encoding.n_atoms).double()
     move = TBGMove(flow, topology, encoding, seed=2, buffer_size=200, check_bonds=False, check_chirality=False)
@@ -419,7 +416,6 @@ def test_a_state_outside_the_support_is_counted_and_warned_once(fixture_dir):
     from openmm_tbg.encoding import encode_topology
     from openmm_tbg.ic_statistics import WhiteningTable
     from openmm_tbg.icflow import InternalCoordinateFlow
-    from openmm_tbg.internal_coordinates import to_internal
     from openmm_tbg.peptides import create_system
     from openmm_tbg.zmatrix import build_zmatrix
 
@@ -428,10 +424,8 @@ def test_a_state_outside_the_support_is_counted_and_warned_once(fixture_dir):
     bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
     frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
     zm = build_zmatrix(encoding, bonds)
-    ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
     table = WhiteningTable()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, frames)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         flow = InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=8, n_heads=2, n_blocks=1,

@@ -163,10 +163,8 @@ def test_rsample_log_q_is_the_exact_log_prob(fixture_dir):
     bonds = [(b[0].index, b[1].index) for b in pdb.topology.bonds()]
     frames = np.load(fixture_dir / "AA.npz")["positions"].astype(np.float64) * 1e-4
     zm = build_zmatrix(encoding, bonds)
-    ic = torch.stack(to_internal(torch.as_tensor(frames), zm), -1).numpy()
     table = WhiteningTable()
-    for c in range(3):
-        table.add([k[c] for k in zm.keys], ic[..., c])
+    table.add_frames(zm, frames)
     flow = randomise_spline_heads(InternalCoordinateFlow(table.to_dict(), n_rounds=1, hidden=16, n_heads=2, n_blocks=1,
                                              n_bins=4).double())
     ctx = flow.condition(encoding, bonds)

@@ -417,14 +417,19 @@ def _ddp_worker(rank: int, world: int, port: int, data_dir: str, names: list[str
                 "drawn": np.stack(drawn)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_ddp_gloo_two_processes(fixture_dir, tmp_path, train_trajectories):
+def _spawn_two_ranks(worker, fixture_dir, train_trajectories, tmp_path) -> None:
+    """Run ``worker(rank, 2, port, data_dir, names, out_dir)`` in two gloo processes on a free local port."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     names = [t.name for t in train_trajectories]
-    mp.spawn(_ddp_worker, args=(2, port, str(fixture_dir), names, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, port, str(fixture_dir), names, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_ddp_gloo_two_processes(fixture_dir, tmp_path, train_trajectories):
+    _spawn_two_ranks(_ddp_worker, fixture_dir, train_trajectories, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["path"] is not None and r1["path"] is None  # only rank 0 writes
@@ -552,13 +557,7 @@ def test_ddp_energy_objective_averages_the_kl_gradients(fixture_dir, tmp_path, t
     """ml+kl under DDP: each rank draws its own proposals for the KL term (through the unwrapped flow), yet the
     ranks end with identical weights, which they would not if the KL gradients were not averaged with the
     likelihood's; the logged losses (rank means) agree too."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    names = [t.name for t in train_trajectories]
-    mp.spawn(_ddp_energy_worker, args=(2, port, str(fixture_dir), names, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_ranks(_ddp_energy_worker, fixture_dir, train_trajectories, tmp_path)
     r0 = torch.load(tmp_path / "kl0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "kl1.pt", weights_only=False)
     assert np.all(np.isfinite(r0["losses"])) and len(r0["losses"]) == 3

@@ -47,7 +47,6 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, so
     from tqdm.auto import tqdm
 
     from ..ic_statistics import WHITENING_SOURCES, WhiteningTable, force_field_moments
-    from ..internal_coordinates import to_internal
     from ..peptides import create_system
     from ..twins import canonicalize, twin_swaps
     from ..zmatrix import build_zmatrix
@@ -60,9 +59,7 @@ def whitening_statistics(trajectories: Sequence[Any], progress: bool = False, so
         bonds = peptide_bonds(t)
         zm = build_zmatrix(t.encoding, bonds, ring_closure=ring_closure)
         x, ok = canonicalize(torch.as_tensor(t.positions, dtype=torch.float64), zm, twin_swaps(t.encoding, bonds, zm))
-        ic = torch.stack(to_internal(x[ok], zm), -1).numpy()
-        for c in range(3):
-            table.add([keys[c] for keys in zm.keys], ic[..., c])
+        table.add_frames(zm, x[ok])
         if source == "force-field":
             weight = max(int(ok.sum()), 2)
             for key, x0, width in force_field_moments(create_system(t.topology), zm, temperature_k):
