@@ -34,6 +34,7 @@ from .ic_context import (CIRCLE, HALF, NARROW_DIHEDRALS, NONE, NORMAL, WRAPPED_N
                          build_context, collate_contexts, unwhiten, whiten)
 from .ic_statistics import DEFAULT_FALLBACK_RULE, FALLBACK_RULES, LEGACY_FALLBACK_RULE, WhiteningTable
 from .internal_coordinates import closure_branch_ok, from_internal, log_jacobian, random_rotations, to_internal
+from .nn.adapter import SystemAdapter, circle_mask
 from .nn.splines import circular_rq_spline, n_spline_parameters, rq_spline
 from .nn.transformer import GraphTransformer
 from .twins import apply_swaps, canonical_masks
@@ -129,7 +130,7 @@ class InternalCoordinateFlow(nn.Module):
                  n_blocks: int = 2, n_bins: int = 8, bound: float = 5.0, max_residues: int = 2,
                  n_amino_acids: int = 20, n_atom_classes: Optional[int] = None, max_distance: int = 8,
                  narrow_dihedrals: str = "wrapped", ring_closure: str = "angle",
-                 whitening_fallback: str = DEFAULT_FALLBACK_RULE):
+                 whitening_fallback: str = DEFAULT_FALLBACK_RULE, adapter: Optional[dict] = None):
         super().__init__()
         from .encoding import ATOM_NAME_CLASSES
 
@@ -168,11 +169,24 @@ class InternalCoordinateFlow(nn.Module):
         self.register_buffer("_bits", bits, persistent=False)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
         self.last_stats: dict[str, Any] = {}
+        # A per-system adapter (`openmm_tbg.nn.adapter`, made by `openmm_tbg.refinement.refine`) composed after
+        # the transferable layers; None for a transferable model.
+        self.adapter: Optional[SystemAdapter] = None
+        if adapter is not None:
+            self.attach_adapter(SystemAdapter(**adapter))
 
     # ------------------------------------------------------------------ config / interface
     @property
     def config(self) -> dict:
-        return dict(self._config, statistics=self.table.to_dict(), dtype=str(self.dtype).replace("torch.", ""))
+        config = dict(self._config, statistics=self.table.to_dict(), dtype=str(self.dtype).replace("torch.", ""))
+        if self.adapter is not None:  # absent for transferable models, so their configs stay as they were
+            config["adapter"] = self.adapter.config
+        return config
+
+    def attach_adapter(self, adapter: "SystemAdapter") -> None:
+        """Compose `adapter` after the transferable layers: ``z = A(z0)``, ``z0`` from the layers; the model
+        then serves only the molecule the adapter was built for (`condition` checks)."""
+        self.adapter = adapter.to(device=self.device, dtype=self.dtype)
 
     @classmethod
     def from_config(cls, config: dict) -> "InternalCoordinateFlow":
@@ -226,7 +240,14 @@ class InternalCoordinateFlow(nn.Module):
     def condition(self, encoding: Any, bonds: Sequence[tuple[int, int]]) -> ICContext:
         """The `ICContext` of a molecule: Z-matrix, build-order tokens, graph distances and whitening."""
         self.check_supported(encoding)
-        return build_context(encoding, bonds, self.table, self.narrow_dihedrals, self.ring_closure)
+        context = build_context(encoding, bonds, self.table, self.narrow_dihedrals, self.ring_closure)
+        if self.adapter is not None and not self.adapter.matches(context.dof, circle_mask(context.base)):
+            raise ValueError(
+                f"This model carries a per-system adapter refined for another molecule "
+                f"({self.adapter.n_dof} degrees of freedom; this one has {int(context.dof.sum())}, "
+                f"{context.sequence or '?'}): it cannot describe this molecule. Use the transferable model it was "
+                "refined from, or refine that one for this System (sampler.refine(...) or `openmm-tbg refine`).")
+        return context
 
     # ------------------------------------------------------------------ whitening
     whiten = staticmethod(whiten)
@@ -282,8 +303,11 @@ class InternalCoordinateFlow(nn.Module):
 
     def log_prob_whitened(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
         """``log q(z)`` of whitened coordinates ``(B, N, 3)`` (density direction: data -> base)."""
+        log_det_adapter = 0.0
+        if self.adapter is not None:  # z = A(z0): log q(z) = log q0(A^-1 z) + log |det dA^-1/dz|
+            z, log_det_adapter = self.adapter(z.to(self.dtype), inverse=True)
         u, log_det = self.transform(z, batch)
-        return log_det + base_log_prob(u, batch["base"], batch["width"]).sum((1, 2))
+        return log_det + base_log_prob(u, batch["base"], batch["width"]).sum((1, 2)) + log_det_adapter
 
     def forward(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
         """`log_prob_whitened` (the training objective goes through ``forward`` so that DDP can wrap it)."""
@@ -303,7 +327,11 @@ class InternalCoordinateFlow(nn.Module):
         log_q = base_log_prob(z, base, width).sum((1, 2))
         z, log_det = self.transform(z, batch, inverse=True)
         # log_det = log |d z_data / d z_base|, so log q(z_data) = log p(z_base) - log_det
-        return z.double(), log_q - log_det
+        log_q = log_q - log_det
+        if self.adapter is not None:
+            z, log_det_adapter = self.adapter(z)
+            log_q = log_q - log_det_adapter
+        return z.double(), log_q
 
     # ------------------------------------------------------------------ API
     def _batch(self, context: ICContext, n: int) -> dict:
@@ -373,6 +401,13 @@ class InternalCoordinateFlow(nn.Module):
         context = self._as_context(context)
         batch = self._batch(context, int(n))
         z, log_q = self.sample_whitened(batch, generator)
+        return self.rsample_from_whitened(context, z, log_q)
+
+    def rsample_from_whitened(self, context: Any, z: torch.Tensor, log_q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`rsample` from given whitened draws ``z`` ``(n, N, 3)`` with their ``log q(z)`` (e.g. a per-system
+        adapter's image of a pool of draws of the frozen layers; `openmm_tbg.refinement`)."""
+        context = self._as_context(context)
+        batch = self._batch(context, int(z.shape[0]))
         x, log_q, inside = self._build_positions(z, log_q, batch, context, placeholders=True)
         log_q = log_q - len(context.swaps) * math.log(2.0)
         return {"x": x, "log_q": log_q, "z": z.detach(), "inside": inside.detach()}
