@@ -43,7 +43,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"weight of the buffer likelihood term (default {d.ml_weight:g})")
     parser.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
                         help="weight of the likelihood of the starting model's raw proposals, which holds the basins "
-                             f"it proposes (default {d.anchor_weight:g}: off)")
+                             f"it proposes (default {d.anchor_weight:g}; 0: off)")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
                         help=f"fresh proposals per evaluation (default {d.eval_samples})")
     parser.add_argument("--eval-every", type=int, default=d.eval_every,
