@@ -135,3 +135,17 @@ def test_adapter_checkpoint_round_trip_and_refusal_of_another_molecule(fixture_d
     other_bonds = [(b[0].index, b[1].index) for b in other.topology.bonds()]
     with pytest.raises(ValueError, match="adapter refined for another molecule"):
         loaded.condition(other_encoding, other_bonds)
+
+
+def test_training_refuses_to_start_from_a_model_with_an_adapter(fixture_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from openmm_tbg.checkpoint import save_model
+    from openmm_tbg.training.config import TrainingConfig
+    from openmm_tbg.training.model_setup import load_parent
+
+    flow, encoding, *_ = _aa_flow_with_adapter(fixture_dir)
+    path = tmp_path / "adapted.pt"
+    save_model(flow, path)
+    with pytest.raises(ValueError, match="per-system adapter"):
+        load_parent(path, TrainingConfig(), [SimpleNamespace(encoding=encoding)])

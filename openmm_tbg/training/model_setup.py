@@ -89,6 +89,10 @@ def load_parent(path: str | os.PathLike, config: TrainingConfig,
     statistics = None
     if parent_flow.family == "internal-coordinate":
         pc = parent_flow.config
+        if pc.get("adapter") is not None:
+            raise ValueError(f"{path} carries a per-system adapter (it was refined for one molecule); training "
+                             "on many peptides cannot use it. Start from the transferable model it was refined "
+                             "from (its sha256 is in the checkpoint's refinement metadata).")
         if needed > pc["max_residues"]:
             raise ValueError(f"{path} encodes at most {pc['max_residues']} residues, but the training data has "
                              f"peptides of {needed}; train a new model instead of starting from this one.")
