@@ -3,7 +3,8 @@
 1. Build the peptide and its System (amber14-all + implicit/obc1, 310 K) from a sequence.
 2. Draw proposals with the shipped model and weight them (Kish ESS, valid fraction).
 3. Refine the model on this System for a few CPU-minutes (`BoltzmannGeneratorSampler.refine`: reverse KL
-   with OpenMM forces plus likelihood on its own importance-weighted proposals) and save it.
+   with OpenMM forces plus likelihood on its own importance-weighted proposals and on the starting model's
+   proposals) and save it.
 4. Draw as many proposals again and compare; write Ramachandran plots of both (raw and reweighted panels)
    and the refinement's ESS curve.
 

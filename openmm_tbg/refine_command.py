@@ -23,8 +23,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``openmm-tbg refine`` options to ``parser``."""
     d = RefinementOptions()
     parser.description = ("Refine a transferable model on one peptide's own System (reverse KL with OpenMM forces "
-                          "plus likelihood on its importance-weighted proposals), within a time or step budget. "
-                          "Needs no MD data.")
+                          "plus likelihood on its importance-weighted proposals and on the starting model's), "
+                          "within a time or step budget. Needs no MD data.")
     add_peptide_arguments(parser)
     parser.add_argument("--model", default=None, help=f"starting model: {MODEL_HELP}")
     parser.add_argument("--out", required=True, help="refined model file to write (.pt)")
