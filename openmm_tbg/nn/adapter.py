@@ -8,8 +8,9 @@ transferable flow ``q0`` with a bijection ``A`` of the whitened coordinates of *
     z = A(z0),  z0 ~ q0,        log q(z) = log q0(A^-1(z)) + log |det dA^-1/dz|
 
 ``A`` is a stack of coupling layers whose conditioners are multilayer perceptrons over the flattened degrees
-of freedom (no attention, no atom encoding): about a hundred times cheaper per configuration than ``q0``, and
-trained on a pool of ``q0``'s draws, whose cost is paid once. Bonds, angles and half-circle dihedrals are
+of freedom (no attention, no atom encoding): a pass over 256 KE draws takes ~0.09 s on one core against
+~0.6 s through ``q0``'s layers, and training needs no pass through those layers, since it runs on a pool of
+``q0``'s draws whose cost is paid once. Bonds, angles and half-circle dihedrals are
 splined on ``[-bound, bound]`` with identity tails (`rq_spline`), full-circle dihedrals with circle
 diffeomorphisms (`circular_rq_spline`), so ``A`` maps the support of ``q0`` onto itself and ``log q`` stays
 exact. The last layer of every conditioner starts at zero: a fresh adapter is the identity.
