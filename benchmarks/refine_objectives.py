@@ -36,10 +36,10 @@ from refine_curve import BASINS, basin_indicators
 
 from openmm_tbg import BoltzmannGeneratorSampler
 from openmm_tbg.data import load_peptide, read_splits
-from openmm_tbg.energy import reduced_potential_torch
 from openmm_tbg.figures import backbone_torsion_pairs
 from openmm_tbg.nn.adapter import SystemAdapter, circle_mask
 from openmm_tbg.peptides import create_system
+from openmm_tbg.refinement import reverse_kl_terms
 
 # the whole-flow methods and the `refine` options they change from its defaults
 # (explicit, so that the rows keep their meaning when the defaults change)
@@ -72,13 +72,11 @@ def refine_adapter(sampler, seconds: float, objective: str, *, seed: int = 0, po
     while time.perf_counter() - start < seconds:
         index = torch.as_tensor(rng.integers(0, len(pool_z), batch_size))
         z, log_det = adapter(pool_z[index])
-        d = flow.rsample_from_whitened(context, z.double(), pool_log_q[index] - log_det)
-        valid = d["inside"] & torch.as_tensor(sampler.checker(d["x"].detach().double().numpy()).valid)
-        u_reg, u = reduced_potential_torch(sampler.reduced_potential, d["x"], cutoff)
-        valid = valid & torch.isfinite(u)
-        if not bool(valid.any()):
+        d = reverse_kl_terms(flow, context, batch_size, sampler.reduced_potential, None, checker=sampler.checker,
+                             cutoff=cutoff, whitened=(z.double(), pool_log_q[index] - log_det))
+        if not bool(d["valid"].any()):
             break
-        log_w = -(u_reg + d["log_q"])[valid]
+        log_w = -(d["u_reg"] + d["log_q"])[d["valid"]]
         loss = -log_w.mean() / n_dof
         if objective == "adapter-kl+ess":
             loss = loss + (torch.logsumexp(2 * log_w, 0) - 2 * torch.logsumexp(log_w, 0)) / n_dof

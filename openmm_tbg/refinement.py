@@ -279,8 +279,9 @@ class RefinementResult:
         return {}
 
 
-def reverse_kl_terms(flow, context, n: int, potential, generator: torch.Generator, *, checker=None,
-                     cutoff: float = 1000.0) -> dict[str, torch.Tensor]:
+def reverse_kl_terms(flow, context, n: int, potential, generator: Optional[torch.Generator], *, checker=None,
+                     cutoff: float = 1000.0, whitened: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                     ) -> dict[str, torch.Tensor]:
     """``n`` reparameterised draws with the terms of the reverse KL divergence ``E_q[u(x) + log q(x)]``.
 
     Parameters
@@ -296,6 +297,9 @@ def reverse_kl_terms(flow, context, n: int, potential, generator: torch.Generato
         Draws it rejects (bond graph, chirality) are marked invalid: the target gives them no mass.
     cutoff : float
         Regularisation of the energy's gradient (`openmm_tbg.energy.regularise`), kT.
+    whitened : (z, log_q), optional
+        Take these ``n`` whitened draws with their ``log q(z)`` instead of drawing (`rsample_from_whitened`; e.g. a
+        per-system adapter's image of a pool of the frozen layers' draws); ``generator`` is then unused.
 
     Returns
     -------
@@ -307,7 +311,10 @@ def reverse_kl_terms(flow, context, n: int, potential, generator: torch.Generato
     """
     from .energy import reduced_potential_torch
 
-    draws = flow.rsample(context, n, generator)
+    if whitened is None:
+        draws = flow.rsample(context, n, generator)
+    else:
+        draws = flow.rsample_from_whitened(context, *whitened)
     x = draws["x"]
     valid = draws["inside"]
     if checker is not None:

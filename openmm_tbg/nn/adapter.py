@@ -76,12 +76,11 @@ class SystemAdapter(nn.Module):
             half = torch.zeros(d, dtype=torch.bool)
             half[torch.randperm(d, generator=g)[: d // 2]] = True
             halves += [half & movable, ~half & movable]
-        circle_d = circle_t.flatten()[index]
         # Per layer: positions (into the D degrees of freedom) of the line and circle entries it transforms; the
         # conditioner outputs spline parameters for those only.
         for layer, move in enumerate(halves):
-            self.register_buffer(f"_line{layer}", (move & ~circle_d).nonzero().flatten(), persistent=False)
-            self.register_buffer(f"_circ{layer}", (move & circle_d).nonzero().flatten(), persistent=False)
+            self.register_buffer(f"_line{layer}", (move & ~self._circle).nonzero().flatten(), persistent=False)
+            self.register_buffer(f"_circ{layer}", (move & self._circle).nonzero().flatten(), persistent=False)
             self.register_buffer(f"_keep{layer}", (~move).to(torch.float32), persistent=False)
         self.n_dof = d
         self.bound = float(bound)
