@@ -34,6 +34,7 @@ _PUBLIC = {
     "RefinementOptions": "openmm_tbg.refinement",
     # Warnings users may want to filter (warnings.filterwarnings("ignore", category=...)).
     "FewEffectiveSamplesWarning": "openmm_tbg.results",
+    "UnreliableWeightsWarning": "openmm_tbg.results",
     "HamiltonianMismatchWarning": "openmm_tbg.results",
     "SampleSizeWarning": "openmm_tbg.results",
     "TemperatureUnitWarning": "openmm_tbg.checks",

@@ -15,8 +15,8 @@ from .serialization import topology_from_dict, topology_to_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SampleResult", "SampleSizeWarning", "FewEffectiveSamplesWarning", "HamiltonianMismatchWarning",
-           "FEW_EFFECTIVE_SAMPLES", "LOW_ESS_SAMPLES", "RESAMPLE_ESS_MARGIN"]
+__all__ = ["SampleResult", "SampleSizeWarning", "FewEffectiveSamplesWarning", "UnreliableWeightsWarning",
+           "HamiltonianMismatchWarning", "FEW_EFFECTIVE_SAMPLES", "LOW_ESS_SAMPLES", "RESAMPLE_ESS_MARGIN"]
 
 #: Below this many effective samples (Kish ESS x proposals) a result warns (`FewEffectiveSamplesWarning`) when it
 #: is made, averaged (`SampleResult.expectation`) or resampled, and `SampleResult.summary` says so first.
@@ -52,6 +52,12 @@ class SampleSizeWarning(UserWarning):
 class FewEffectiveSamplesWarning(SampleSizeWarning):
     """A result rests on fewer than `FEW_EFFECTIVE_SAMPLES` effective samples: its averages, resampled frames and
     error bars describe a handful of configurations, not the Boltzmann distribution."""
+
+
+class UnreliableWeightsWarning(SampleSizeWarning):
+    """The importance weights have a heavy tail (Pareto shape above `openmm_tbg.weights.PARETO_K_RELIABLE`): the
+    Kish ESS, reweighted averages and their error bars can be far off, and repeated runs disagree by much more
+    than those error bars say."""
 
 
 class HamiltonianMismatchWarning(UserWarning):
@@ -174,14 +180,31 @@ class SampleResult:
         """Normalised weights ``exp(log_weights)`` (sum 1)."""
         return np.exp(self.log_weights)
 
+    @property
+    def pareto_k(self) -> Optional[float]:
+        """Pareto shape of the importance weights' tail (`openmm_tbg.weights.pareto_k`) for
+        ``method="importance"``; None for other methods (a chain's or a resample's weights are uniform).
+
+        Below 0.5 the weights have a finite variance and the Kish ESS means what it says; above
+        `openmm_tbg.weights.PARETO_K_RELIABLE` (0.7) it does not (`UnreliableWeightsWarning`); NaN when too few
+        weights lie in the tail to fit it.
+        """
+        from .weights import pareto_k
+
+        if self.method != "importance":
+            return None
+        return pareto_k(self.log_weights)
+
     def problems(self) -> list:
         """The warnings this result deserves, as ``(category, message)`` pairs, most important first.
 
         `FewEffectiveSamplesWarning` below `FEW_EFFECTIVE_SAMPLES` effective samples (also when no proposal is
-        valid); `HamiltonianMismatchWarning` when `hamiltonian_gap` exceeds
-        `openmm_tbg.hamiltonian.HAMILTONIAN_GAP_KT`. Empty for ``method="none"``.
+        valid); `UnreliableWeightsWarning` when `pareto_k` exceeds `openmm_tbg.weights.PARETO_K_RELIABLE`;
+        `HamiltonianMismatchWarning` when `hamiltonian_gap` exceeds `openmm_tbg.hamiltonian.HAMILTONIAN_GAP_KT`.
+        Empty for ``method="none"``.
         """
         from .hamiltonian import HAMILTONIAN_GAP_KT
+        from .weights import PARETO_K_RELIABLE
 
         if self.method == "none":
             return []
@@ -228,6 +251,18 @@ class SampleResult:
                 advice = (f"More proposals are unlikely to help: the model does not represent this System's "
                           f"Boltzmann distribution well. {fixes[0].upper() + fixes[1:]}.")
             out.append((FewEffectiveSamplesWarning, f"{basis} {advice}"))
+        k = self.pareto_k
+        if k is not None and np.isfinite(k) and k > PARETO_K_RELIABLE:
+            tail = ("their mean and variance are likely infinite, so more proposals do not make the estimates "
+                    "converge" if k >= 1 else "their variance is likely infinite, so the error of reweighted "
+                    "averages falls much more slowly than 1/sqrt(n)")
+            out.append((UnreliableWeightsWarning,
+                        f"The importance weights have a heavy tail: Pareto k = {k:.2f}, above "
+                        f"{PARETO_K_RELIABLE:g} (Vehtari et al., Pareto smoothed importance sampling): {tail}. The "
+                        f"Kish ESS ({100.0 * self.ess:.3g} %), reweighted averages and their error "
+                        f"bars can be far off, and repeated runs disagree by much more than those error bars: a few "
+                        f"proposals where the flow's density is far below the Boltzmann density carry the weight. "
+                        f"For trustworthy numbers {_HYBRID}, and compare independent runs."))
         return out
 
     def warn(self, stacklevel: int = 2) -> None:
@@ -383,6 +418,9 @@ class SampleResult:
             text += f", rejected {rejected}"
         if self.n_mirrored or self.n_relabelled:
             text += f", mirrored {self.n_mirrored}, relabelled {self.n_relabelled}"
+        k = self.pareto_k
+        if k is not None and np.isfinite(k):
+            text += f", Pareto k {k:.2f}"
         if self.acceptance_rate is not None:
             text += f", acceptance {100.0 * self.acceptance_rate:.1f} %"
         if self.hamiltonian_gap is not None:

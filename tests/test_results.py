@@ -156,3 +156,53 @@ def test_resample_warning_counts_distinct_frames_and_repeats_truly():
     message = str(next(w.message for w in record if type(w.message) is SampleSizeWarning))
     assert f"{frames.n_distinct} distinct configurations and {700 - frames.n_distinct} repeats" in message
     assert "most of them" not in message
+
+
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.9, 1.3])
+def test_pareto_k_recovers_the_tail_shape_of_pareto_weights(k):
+    """Weights w = U^-k (U uniform) have a generalised-Pareto tail of shape exactly k. Each estimate uses the
+    M = 3 sqrt(n) = 425 largest of n = 20000 weights; the mean of 20 independent estimates lies within 5 of its
+    asymptotic standard errors (1 + k) / sqrt(20 M) of k (the prior's pull toward 0.5, 10 / M of the distance,
+    is a fraction of one)."""
+    from openmm_tbg.weights import pareto_k
+
+    rng = np.random.default_rng(int(10 * k))
+    n, repeats = 20000, 20
+    m = int(np.ceil(3 * np.sqrt(n)))
+    estimates = []
+    for _ in range(repeats):
+        log_w = -k * np.log(rng.random(n))
+        estimates.append(pareto_k(np.r_[log_w, np.full(500, -np.inf)]))  # rejected: weight 0, never in the tail
+    assert abs(np.mean(estimates) - k) < 5 * (1 + k) / np.sqrt(m * repeats), estimates
+    shifted = pareto_k(np.r_[log_w + 800.0, np.full(500, -np.inf)])
+    assert shifted == pytest.approx(estimates[-1], abs=1e-9)  # scale-free, and no overflow
+
+
+def test_pareto_k_separates_light_and_heavy_tails_and_says_when_it_cannot_tell():
+    from openmm_tbg.weights import PARETO_K_RELIABLE, pareto_k
+
+    rng = np.random.default_rng(1)
+    # Log-normal weights of small spread have every moment; a spread of 3 nats behaves like k ~ 1 at n = 2000.
+    assert pareto_k(0.5 * rng.normal(size=2000)) < 0.3
+    assert pareto_k(3.0 * rng.normal(size=2000)) > PARETO_K_RELIABLE
+    assert np.isnan(pareto_k(np.zeros(2000)))  # equal weights: no tail to fit
+    assert np.isnan(pareto_k(rng.normal(size=20)))  # 20 proposals: 4 tail weights, too few
+    with pytest.raises(ValueError, match="NaN"):
+        pareto_k(np.r_[0.0, np.nan, np.zeros(100)])
+
+
+def test_a_heavy_weight_tail_warns_that_the_ess_is_unreliable_and_reports_k():
+    from openmm_tbg import UnreliableWeightsWarning
+
+    # k = 0.9: infinite variance; this draw's 20000 weights still look like 169 effective samples
+    heavy = make_result(-0.9 * np.log(np.random.default_rng(2).random(20000)))
+    assert heavy.effective_samples > 100  # no few-samples warning: only the tail gives it away
+    categories = [c for c, _ in heavy.problems()]
+    assert categories == [UnreliableWeightsWarning]
+    with pytest.warns(UnreliableWeightsWarning, match=r"Pareto k = 0\.[7-9][0-9].*variance is likely infinite.*TBGMove"):
+        heavy.expectation(np.ones(20000))
+    assert f"Pareto k {heavy.pareto_k:.2f}" in heavy.summary(include_warnings=False)
+    rng = np.random.default_rng(3)
+    light = make_result(0.5 * rng.normal(size=4000))
+    assert light.problems() == [] and light.pareto_k < 0.5
+    assert make_result(-0.9 * np.log(rng.random(4000)), method="metropolis").pareto_k is None
