@@ -349,6 +349,7 @@ def test_evaluate_peptide_with_a_flow_centred_on_an_md_frame(fixture_dir, tmp_pa
     # positions can give energies that differ in the last float digits between two contexts (seen: 8e-7 here).
     assert res["ess"] == pytest.approx(w.sum() ** 2 / (12 * np.sum(w ** 2)), rel=1e-5)
     assert res["ess_valid"] == pytest.approx(res["ess"], rel=1e-12)  # nothing rejected: the same n
+    assert np.isnan(res["pareto_k"])  # reported, and 12 proposals leave too few tail weights to fit it
     assert np.isfinite(res["energy_w2_raw"]) and np.isfinite(res["energy_w2_reweighted"])
     # The BG samples sit at the reference frame's torsions, so torus-W2 against MD is close to that of a point
     # mass there: sqrt(mean squared periodic distance of the 60 MD torsions to it; torus_samples=60 keeps all).

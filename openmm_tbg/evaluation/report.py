@@ -43,7 +43,7 @@ def _pm(d: dict, scale=100.0) -> str:
 def _table(results: list[dict], link_dir: Path) -> list[str]:
     """The per-peptide table; figure links relative to ``link_dir``."""
     lines = []
-    cols = ["peptide", "atoms", "valid %", "rejected", "ESS %", "E-W2 raw", "E-W2 rew.", "T-W2 raw", "T-W2 rew.",
+    cols = ["peptide", "atoms", "valid %", "rejected", "ESS %", "Pareto k", "E-W2 raw", "E-W2 rew.", "T-W2 raw", "T-W2 rew.",
             "MD floor", "alpha-L MD %", "alpha-L BG %", "MD tau_int ps", "MD indep.", "BG eff. samples/s",
             "figures"]
     lines.append("| " + " | ".join(cols) + " |")
@@ -53,6 +53,7 @@ def _table(results: list[dict], link_dir: Path) -> list[str]:
         figs = " ".join(f"[{k}]({os.path.relpath(v, link_dir)})" for k, v in r.get("figures", {}).items())
         md = r["md_autocorrelation"]
         row = [r["name"], str(r["n_atoms"]), f"{100 * r['valid_fraction']:.1f}", rej, f"{100 * r['ess']:.2f}",
+               _fmt(r.get("pareto_k", float("nan")), ".2f"),
                _fmt(r["energy_w2_raw"]), _fmt(r["energy_w2_reweighted"]), _fmt(r["torus_w2_raw"]),
                _fmt(r["torus_w2_reweighted"]), _fmt(r["torus_w2_md_baseline"]), _pm(r["alpha_l_md"]),
                _pm(r["alpha_l_bg"]), f"{md['tau_int_ps']:.0f}", f"{md['n_independent']:.0f}",
@@ -129,7 +130,10 @@ def write_results_markdown(results: list[dict], path, *, header: Optional[dict] 
     for k, v in (header or {}).items():
         lines.append(f"- **{k}**: {v}")
     lines += ["", "Energies in kT (reduced potentials), angles in radians. ESS is the Kish effective sample size "
-              "as a fraction of all proposals (rejected proposals count as weight 0). Torus-W2 is over all "
+              "as a fraction of all proposals (rejected proposals count as weight 0). *Pareto k* is the tail "
+              "shape of the importance weights (PSIS diagnostic): above 0.7 the ESS, the reweighted values and "
+              "the BG error bars are not reliable, and repeated runs disagree by more than those error bars. "
+              "Torus-W2 is over all "
               "backbone phi/psi; *MD floor* is the torus-W2 between MD frames of even and odd runs at the BG's "
               "sample size (what a perfect generator would get, given MD's own convergence). alpha-L = phi > 0 "
               "(%), MD error = "
