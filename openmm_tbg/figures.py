@@ -304,8 +304,9 @@ def save_ramachandran(result, path: Union[str, os.PathLike], title: Optional[str
 
 
 def save_refinement_history(result, path: Union[str, os.PathLike], title: Optional[str] = None) -> str:
-    """Write a PNG of a refinement run (`openmm_tbg.refinement.RefinementResult`): the Kish ESS and the valid
-    fraction of each evaluation's fresh proposals against wall time, the kept (best) state marked.
+    """Write a PNG of a refinement run (`openmm_tbg.refinement.RefinementResult`): the Kish ESS, the Pareto k
+    of the weights (lower is more reliable; above 0.7 the ESS is not) and the valid fraction of each
+    evaluation's fresh proposals against wall time, the kept (best) state marked.
 
     Returns
     -------
@@ -318,17 +319,26 @@ def save_refinement_history(result, path: Union[str, os.PathLike], title: Option
     history = result.history
     seconds = np.array([h["seconds"] for h in history])
     ess = 100 * np.array([h["ess"] for h in history])
+    k = np.array([h.get("pareto_k", np.nan) for h in history], dtype=float)
     valid = 100 * np.array([h["valid"] for h in history])
-    fig = Figure(figsize=(8, 3.2))
+    fig = Figure(figsize=(11, 3.2))
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    left, middle, right = fig.subplots(1, 3)
     left.plot(seconds, ess, "o-", color="C0")
+    middle.plot(seconds, k, "o-", color="C1")
+    middle.axhline(0.7, color="0.5", linestyle=":", linewidth=1, label="0.7: ESS unreliable above")
     best = [i for i, h in enumerate(history) if h["step"] == result.best_step]
     if best:
-        left.plot(seconds[best], ess[best], "*", color="C3", markersize=14, label=f"kept (step {result.best_step})")
+        kept = f"kept (step {result.best_step})" if getattr(result, "kept", "refined") == "refined" else \
+            "kept: the starting weights"
+        left.plot(seconds[best], ess[best], "*", color="C3", markersize=14, label=kept)
+        middle.plot(seconds[best], k[best], "*", color="C3", markersize=14)
         left.legend(loc="best", fontsize=8)
+    middle.legend(loc="best", fontsize=8)
     left.set_xlabel("wall time (s)")
     left.set_ylabel("Kish ESS of fresh proposals (%)")
+    middle.set_xlabel("wall time (s)")
+    middle.set_ylabel("Pareto k of their weights")
     right.plot(seconds, valid, "o-", color="C2")
     right.set_xlabel("wall time (s)")
     right.set_ylabel("valid proposals (%)")

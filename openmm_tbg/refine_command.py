@@ -50,6 +50,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"steps between evaluations (default {d.eval_every})")
     parser.add_argument("--patience", type=int, default=d.patience,
                         help=f"stop after this many evaluations without improvement, 0 = never (default {d.patience})")
+    parser.add_argument("--final-check-samples", type=int, default=d.final_check_samples,
+                        help="fresh proposals of the starting and the refined model at the end: the refined weights "
+                             "are kept only if their Pareto k is lower (a lighter tail), else the starting weights "
+                             f"are written (default {d.final_check_samples}; 0: no check)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="auto", help="torch device (default auto: CUDA if available)")
     parser.add_argument("--no-figure", action="store_true", help="do not write OUT_refinement.png")
@@ -81,7 +85,7 @@ def run_from_cli(args: argparse.Namespace) -> int:
                                     kl_weight=args.kl_weight, ml_weight=args.ml_weight,
                                     anchor_weight=args.anchor_weight,
                                     eval_samples=args.eval_samples, eval_every=args.eval_every,
-                                    patience=args.patience)
+                                    patience=args.patience, final_check_samples=args.final_check_samples)
         try:
             refined = sampler.refine(options=options, seed=args.seed, out=out, progress=not args.no_progress,
                                      max_seconds=options.max_seconds, max_steps=options.max_steps)

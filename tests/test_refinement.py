@@ -278,8 +278,9 @@ def test_refinement_keeps_both_basins_where_reverse_kl_alone_loses_one():
     sampler = _toy_sampler()
     raw0, estimate0, error0 = _negative_fraction(sampler)
     assert abs(raw0 - 0.5) < 0.05 and abs(estimate0 - 0.5) < 4 * error0
+    # final_check_samples=0: the objectives' own effect (the final check could return the starting weights)
     settings = dict(max_seconds=None, max_steps=150, learning_rate=3e-3, batch_size=128, ml_batch_size=128,
-                    eval_every=50, eval_samples=512, patience=0, progress=False, seed=1)
+                    eval_every=50, eval_samples=512, patience=0, progress=False, seed=1, final_check_samples=0)
     both = sampler.refine(**settings)
     raw, estimate, error = _negative_fraction(both)
     assert 0.35 < raw < 0.65, raw
@@ -308,6 +309,10 @@ def test_refined_checkpoint_round_trip_and_system_warning(tmp_path):
     assert info["parent_sha256"] == sampler.model_sha256
     assert info["system_sha256"] == system_fingerprint(sampler.system, sampler.topology)["system_sha256"]
     assert info["steps"] == 4 and len(info["history"]) == 3
+    # the final check's verdict travels with the checkpoint, and the summary says it
+    assert info["kept"] == refined.refinement.kept in ("refined", "parent")
+    assert info["final_check"]["samples"] == 2048 and set(info["final_check"]) == {"samples", "parent", "refined"}
+    assert "final check on 2048 proposals each" in refined.refinement.summary()
     x = refined.sample(16, method="none", progress=False).positions
     np.testing.assert_allclose(refined.log_prob(x), loaded.log_prob(torch.as_tensor(x), refined.context).numpy(),
                                atol=1e-10)
@@ -359,10 +364,11 @@ def test_cli_refine_writes_a_model_that_sample_loads(tmp_path):
 
     out = tmp_path / "aa_refined.pt"
     code = cli.main(["refine", "--sequence", "AA", "--out", str(out), "--max-steps", "3", "--eval-every", "3",
-                     "--eval-samples", "64", "--batch-size", "16", "--no-progress"])
+                     "--eval-samples", "64", "--batch-size", "16", "--final-check-samples", "256", "--no-progress"])
     assert code == 0 and out.exists() and (tmp_path / "aa_refined_refinement.png").exists()
     info = load_model(out).checkpoint_metadata["refinement"]
     assert info["sequence"] == "AA" and info["steps"] == 3 and info["parent_sha256"]
+    assert info["final_check"]["samples"] == 256 and info["kept"] in ("refined", "parent")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RefinedForAnotherSystemWarning)
         code = cli.main(["sample", "--sequence", "AA", "--model", str(out), "--samples", "32", "--seed", "1",
@@ -380,7 +386,7 @@ def test_the_parent_anchor_holds_the_wells_that_reverse_kl_drains():
     sampler = _toy_sampler()
     settings = dict(max_seconds=None, max_steps=150, learning_rate=3e-3, batch_size=128, ml_batch_size=128,
                     eval_every=50, eval_samples=512, patience=0, progress=False, seed=1, ml_weight=0.0,
-                    kl_weight=1.0)
+                    kl_weight=1.0, final_check_samples=0)
     anchored = sampler.refine(anchor_weight=1.0, **settings)
     raw, estimate, error = _negative_fraction(anchored)
     assert 0.3 < raw < 0.7, raw  # (reverse KL alone: 0.25 in the test above)
@@ -388,3 +394,34 @@ def test_the_parent_anchor_holds_the_wells_that_reverse_kl_drains():
     assert anchored.flow.checkpoint_metadata["refinement"]["options"]["anchor_weight"] == 1.0
     with pytest.raises(ValueError, match="anchor_weight"):
         sampler.refine(max_steps=1, anchor_weight=-1.0)
+
+
+def test_the_final_check_keeps_the_state_whose_weights_have_the_lighter_tail():
+    """`refine`'s final check draws fresh proposals of the starting model and of the refined state and keeps the
+    refined weights only if their Pareto k is lower. A flow with random spline heads (scale 0.5) proposes the
+    two-well toy badly (k ~3, ESS < 1 %) against the broad starting flow (k < 0.5): as the refined state it is
+    replaced by the starting weights, and as the starting model it is replaced by the refined state."""
+    import copy
+
+    from openmm_tbg.refinement import RefinementOptions, RefinementResult, _final_check
+    from openmm_tbg.testing import randomise_spline_heads
+
+    sampler = _toy_sampler()
+    good = sampler.flow
+    bad = randomise_spline_heads(copy.deepcopy(good), scale=0.5, seed=3)
+    options = RefinementOptions(final_check_samples=1024)
+    for parent, refined, kept in ((good, bad, "parent"), (bad, good, "refined")):
+        probe = copy.copy(sampler)
+        flow = copy.deepcopy(refined)
+        result = RefinementResult()
+        _final_check(result, probe, flow, parent, options)
+        check = result.final_check
+        assert result.kept == kept and check["samples"] == 1024
+        worse, better = (check["refined"], check["parent"]) if kept == "parent" else (check["parent"],
+                                                                                        check["refined"])
+        assert better["pareto_k"] < 0.7 < 2.0 < worse["pareto_k"], check
+        assert better["ess"] > 0.1 > 0.01 > worse["ess"], check
+        expected = parent if kept == "parent" else refined
+        for name, value in flow.state_dict().items():  # the weights returned are the kept model's
+            assert torch.equal(value, expected.state_dict()[name]), name
+        assert probe.flow is flow

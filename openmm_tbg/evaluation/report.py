@@ -43,9 +43,9 @@ def _pm(d: dict, scale=100.0) -> str:
 def _table(results: list[dict], link_dir: Path) -> list[str]:
     """The per-peptide table; figure links relative to ``link_dir``."""
     lines = []
-    cols = ["peptide", "atoms", "valid %", "rejected", "ESS %", "Pareto k", "E-W2 raw", "E-W2 rew.", "T-W2 raw", "T-W2 rew.",
-            "MD floor", "alpha-L MD %", "alpha-L BG %", "MD tau_int ps", "MD indep.", "BG eff. samples/s",
-            "figures"]
+    cols = ["peptide", "atoms", "valid %", "rejected", "ESS %", "Pareto k", "E-W2 raw", "E-W2 rew.", "T-W2 raw",
+            "T-W2 rew.", "MD floor", "alpha-L MD %", "alpha-L BG %", "MD tau_int ps", "MD indep.",
+            "BG eff. samples/s", "figures"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in results:
