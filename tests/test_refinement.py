@@ -309,10 +309,16 @@ def test_refined_checkpoint_round_trip_and_system_warning(tmp_path):
     assert info["parent_sha256"] == sampler.model_sha256
     assert info["system_sha256"] == system_fingerprint(sampler.system, sampler.topology)["system_sha256"]
     assert info["steps"] == 4 and len(info["history"]) == 3
-    # the final check's verdict travels with the checkpoint, and the summary says it
+    # the verdict travels with the checkpoint, and the summary says it: with no evaluation better than the start
+    # its weights come back unchecked; otherwise the final check decided
     assert info["kept"] == refined.refinement.kept in ("refined", "parent")
-    assert info["final_check"]["samples"] == 2048 and set(info["final_check"]) == {"samples", "parent", "refined"}
-    assert "final check on 2048 proposals each" in refined.refinement.summary()
+    if refined.refinement.best_step == 0:
+        assert info["kept"] == "parent" and info["final_check"] == {}
+        assert "no evaluation improved on the starting model" in refined.refinement.summary()
+    else:
+        assert info["final_check"]["samples"] == 2048
+        assert set(info["final_check"]) == {"samples", "parent", "refined"}
+        assert "final check on 2048 proposals each" in refined.refinement.summary()
     x = refined.sample(16, method="none", progress=False).positions
     np.testing.assert_allclose(refined.log_prob(x), loaded.log_prob(torch.as_tensor(x), refined.context).numpy(),
                                atol=1e-10)
@@ -368,7 +374,7 @@ def test_cli_refine_writes_a_model_that_sample_loads(tmp_path):
     assert code == 0 and out.exists() and (tmp_path / "aa_refined_refinement.png").exists()
     info = load_model(out).checkpoint_metadata["refinement"]
     assert info["sequence"] == "AA" and info["steps"] == 3 and info["parent_sha256"]
-    assert info["final_check"]["samples"] == 256 and info["kept"] in ("refined", "parent")
+    assert info["kept"] in ("refined", "parent") and info["options"]["final_check_samples"] == 256
     with warnings.catch_warnings():
         warnings.simplefilter("error", RefinedForAnotherSystemWarning)
         code = cli.main(["sample", "--sequence", "AA", "--model", str(out), "--samples", "32", "--seed", "1",
@@ -425,3 +431,24 @@ def test_the_final_check_keeps_the_state_whose_weights_have_the_lighter_tail():
         for name, value in flow.state_dict().items():  # the weights returned are the kept model's
             assert torch.equal(value, expected.state_dict()[name]), name
         assert probe.flow is flow
+
+
+def test_refine_runs_the_final_check_and_returns_a_state_that_beats_a_poor_start():
+    """End to end: from a poor start (random heads, k ~5) 60 steps improve the proposals; refine's final check
+    draws 1024 proposals of each and returns the refined state, recorded in its result and summary."""
+    import copy
+
+    from openmm_tbg.testing import randomise_spline_heads
+
+    toy = _toy_sampler()
+    poor = toy.with_model(randomise_spline_heads(copy.deepcopy(toy.flow), scale=0.5, seed=3))
+    refined = poor.refine(max_seconds=None, max_steps=60, eval_every=20, eval_samples=256, learning_rate=3e-3,
+                          batch_size=64, ml_batch_size=64, final_check_samples=1024, progress=False, seed=1)
+    result = refined.refinement
+    assert result.best_step > 0 and result.kept == "refined"
+    check = result.final_check
+    assert check["samples"] == 1024 and check["refined"]["pareto_k"] < check["parent"]["pareto_k"]
+    assert "kept the refined state" in result.summary()
+    changed = [name for name, value in refined.flow.state_dict().items()
+               if not torch.equal(value, poor.flow.state_dict()[name])]
+    assert changed  # the returned weights are the refined ones
