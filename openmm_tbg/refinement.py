@@ -28,8 +28,9 @@ At the end a final check draws ``final_check_samples`` fresh proposals of the st
 and returns the state only if its weights' tail is lighter (lower Pareto k); otherwise it returns the starting
 model's weights. In 2-minute runs on train peptides (2026-12-06, mean k of three draws of 2000 proposals) the
 objectives made the tail heavier, which the Kish ESS of the evaluations could not show: KE 0.81 -> 0.96 with the
-default, 0.96 with the buffer likelihood alone and 1.09 with reverse KL alone; FS 0.77 -> 0.86 with the default. The true ``u`` and the exact ``log q`` enter every reported weight;
-the regularisation and tempering are for training only.
+default, 0.96 with the buffer likelihood alone and 1.09 with reverse KL alone; FS 0.77 -> 0.86 with the default.
+The true ``u`` and the exact ``log q`` enter every reported weight; the regularisation and tempering are for
+training only.
 
 The refined model is a model like any other: `BoltzmannGeneratorSampler`, `TBGMove` and ``openmm-tbg sample``
 load its checkpoint, whose metadata record the parent model's sha256 and a fingerprint of the System,
@@ -512,8 +513,8 @@ def refine(sampler, options: Optional[RefinementOptions] = None, *, seed: Option
             since_best += 1
         if callback is not None:
             callback(entry, best_state)
-        logger.info("refine step %d, %.0f s: ESS %.2f %%, Pareto k %.2f, valid %.1f %%, score %.3f +- %.3f, beta %.3f",
-                    step, entry["seconds"], 100 * entry["ess"], entry["pareto_k"], 100 * entry["valid"],
+        logger.info("refine step %d, %.0f s: ESS %.2f %%, Pareto k %.2f, valid %.1f %%, score %.3f +- %.3f, "
+                    "beta %.3f", step, entry["seconds"], 100 * entry["ess"], entry["pareto_k"], 100 * entry["valid"],
                     entry["score"], entry["score_se"], beta)
         return improved
 
