@@ -6,6 +6,8 @@ each, `openmm_tbg.weights.pareto_k`), then `BoltzmannGeneratorSampler.refine` wi
 lower), then as many draws of the model it returned. One core; the test split is for evaluation only.
 
     taskset -c 0 python benchmarks/refine_tails.py --peptides AA AC AT --minutes 2
+    taskset -c 0 python benchmarks/refine_tails.py --split train --peptides KE FS --repeats 3 \
+        --set kl_weight=0 --set final_check_samples=0      # an objective's own effect, on train peptides
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from _harness import header, markdown_table
 from openmm_tbg import BoltzmannGeneratorSampler
 from openmm_tbg.data import load_peptide, read_splits
 from openmm_tbg.peptides import create_system
+from openmm_tbg.refinement import RefinementOptions
 from openmm_tbg.weights import kish_ess, pareto_k
 
 
@@ -46,24 +49,31 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a RefinementOptions field to change, e.g. anchor_weight=1 (repeatable)")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        default = getattr(RefinementOptions(), key)  # AttributeError names an unknown option
+        overrides[key] = type(default)(float(value)) if isinstance(default, (int, float)) else float(value)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     names = args.peptides or read_splits(args.data)[args.split]
     header(__file__, model=args.model or "shipped", minutes=args.minutes, samples=args.samples,
-           repeats=args.repeats, seed=args.seed)
+           repeats=args.repeats, seed=args.seed, options=overrides or "defaults")
     rows = []
     for name in names:
         trajectory = load_peptide(args.data, name)
         sampler = BoltzmannGeneratorSampler(create_system(trajectory.topology), trajectory.topology,
                                             model=args.model, seed=args.seed, platform="CPU", threads=1)
         ess0, k0, valid0 = draws(sampler, args.samples, args.repeats)
-        refined = sampler.refine(max_seconds=60 * args.minutes, seed=args.seed, progress=False)
+        refined = sampler.refine(max_seconds=60 * args.minutes, seed=args.seed, progress=False, **overrides)
         result = refined.refinement
         ess1, k1, valid1 = draws(refined, args.samples, args.repeats)
         check = result.final_check
         verdict = (f"{check['parent']['pareto_k']:.2f} / {check['refined']['pareto_k']:.2f}" if check else
-                   "- (best at step 0)")
+                   "- (best at step 0)" if result.best_step == 0 else "- (no check)")
         rows.append([name, " / ".join(f"{e:.2f}" for e in ess0), " / ".join(f"{k:.2f}" for k in k0),
                      f"{100 * valid0:.1f}", result.steps, verdict, result.kept,
                      " / ".join(f"{e:.2f}" for e in ess1), " / ".join(f"{k:.2f}" for k in k1),
