@@ -329,8 +329,7 @@ def save_refinement_history(result, path: Union[str, os.PathLike], title: Option
     middle.axhline(0.7, color="0.5", linestyle=":", linewidth=1, label="0.7: ESS unreliable above")
     best = [i for i, h in enumerate(history) if h["step"] == result.best_step]
     if best:
-        kept = f"kept (step {result.best_step})" if getattr(result, "kept", "refined") == "refined" else \
-            "kept: the starting weights"
+        kept = f"kept (step {result.best_step})" if result.kept == "refined" else "kept: the starting weights"
         left.plot(seconds[best], ess[best], "*", color="C3", markersize=14, label=kept)
         middle.plot(seconds[best], k[best], "*", color="C3", markersize=14)
         left.legend(loc="best", fontsize=8)

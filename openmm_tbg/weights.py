@@ -89,8 +89,8 @@ def pareto_k(log_weights) -> float:
     tail = tail[tail > threshold]
     if tail.size < 5:
         return float("nan")
-    excess = np.exp(tail) - np.exp(threshold)
-    return float(_generalised_pareto_shape(np.sort(excess)))
+    excess = np.exp(tail) - np.exp(threshold)  # sorted, as ``finite`` is
+    return float(_generalised_pareto_shape(excess))
 
 
 def _generalised_pareto_shape(x: np.ndarray) -> float:
